@@ -1,0 +1,103 @@
+"""Pretraining: a Qwen2.5-architecture model from random init (or an existing checkpoint) on packed documents.
+
+    # tiny CPU demo (mini_data, tiny model, block 128): a few minutes
+    python demo/demo_pt.py
+    # one GPU
+    python mini_qwen_pt.py --config configs/pt.yaml
+    # N GPUs, DeepSpeed ZeRO-2 (see accelerate_config.yaml)
+    accelerate launch --config_file accelerate_config.yaml --num_processes 8 mini_qwen_pt.py --config configs/pt.yaml
+    # in the background
+    bash run.sh pt --gpus 8 --bg
+    # continued pretraining of a checkpoint with LoRA adapters (seed 004)
+    python mini_qwen_pt.py --config configs/pt.yaml --init_from results/pt --use_peft --lora_r 64
+    # resume after a crash: the newest complete checkpoint in output_dir
+    python mini_qwen_pt.py --config configs/pt.yaml --resume_from_checkpoint auto
+
+Every key of the YAML is also a --flag (the flag wins), including every TrainingArguments field.
+"""
+
+import sys
+from dataclasses import dataclass, field
+
+from transformers import Trainer, TrainingArguments
+
+from utils.cache import build_or_load
+from utils.callbacks import LossPlotCallback, SigtermCallback
+from utils.checkpoint import CheckpointCompleteCallback, resolve_resume, save_final_model
+from utils.config import parse_config, repo_path, setup_logging
+from utils.data import SkipCounter, files_fingerprint, resolve_data_files
+from utils.modeling import build_model, resolve_mixed_precision
+from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples
+from utils.peft_utils import LoraArguments, apply_lora
+from utils.tokenizer import load_tokenizer
+
+
+@dataclass
+class PretrainArguments:
+    # data
+    data_files: list[str] = field(default_factory=lambda: ["mini_data/pt"], metadata={
+        "help": "pretraining files, folders or globs (parquet/jsonl/json/txt with a `text` column)"})
+    block_size: int = field(default=1024, metadata={"help": "tokens per training sample"})
+    packing: str = field(default="concat", metadata={
+        "help": f"{'|'.join(PACKING_MODES)}: concatenate into blocks; the same with attention kept inside each "
+                "document; or one document per sample, padded"})
+    min_quality_score: float | None = field(default=None, metadata={
+        "help": "skip IndustryCorpus2 documents whose quality_score is below this"})
+    cache_dir: str = field(default="cache", metadata={"help": "where tokenized, packed data is kept for reuse"})
+    # model
+    model_config: str = field(default="models/mini_qwen_1b", metadata={
+        "help": "config.json (or its folder) of the model to initialise randomly"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "continue pretraining this checkpoint instead of a random init"})
+    tokenizer_path: str | None = field(default=None, metadata={
+        "help": "tokenizer folder; default: models/Qwen2.5-0.5B-Instruct if downloaded, else the offline rebuild"})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto (flash_attention_2 if installed on an Ampere+ GPU, else sdpa) | sdpa | eager | flash_attention_2"})
+
+
+def prepare_dataset(script_args, tokenizer, training_args, logger):
+    """Tokenize and pack once (main process first); other ranks and reruns reuse the cached Arrow file."""
+    files = resolve_data_files([repo_path(f) for f in script_args.data_files])
+    key = {"files": files_fingerprint(files), "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer),
+           "eos": tokenizer.eos_token_id, "block_size": script_args.block_size, "packing": script_args.packing,
+           "min_quality_score": script_args.min_quality_score, "version": 1}
+    with training_args.main_process_first(desc="tokenize and pack"):
+        dataset, report = build_or_load(
+            repo_path(script_args.cache_dir), "pt", key,
+            lambda report: pretraining_samples(files, tokenizer, script_args.block_size, script_args.packing,
+                                               report, script_args.min_quality_score),
+            log=logger.info)
+    logger.info(SkipCounter.from_dict(report["records"]).report(f"pretraining data ({len(files)} files)"))
+    stats = PackingStats(**{k: v for k, v in report["packing"].items() if k != "padding_fraction"})
+    logger.info(stats.report(script_args.packing, script_args.block_size))
+    return dataset
+
+
+def main(argv: list[str] | None = None):
+    script_args, lora_args, training_args = parse_config((PretrainArguments, LoraArguments, TrainingArguments), argv)
+    training_args.output_dir = repo_path(training_args.output_dir)
+    logger = setup_logging(training_args)
+    resolve_mixed_precision(training_args)
+
+    tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path))
+    train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
+
+    model = build_model(repo_path(script_args.model_config), repo_path(script_args.init_from),
+                        script_args.attn_implementation)
+    model = apply_lora(model, lora_args, logger)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=PretrainCollator(tokenizer.pad_token_id, model.config._attn_implementation),
+        processing_class=tokenizer,
+        callbacks=[CheckpointCompleteCallback(), LossPlotCallback(), SigtermCallback()],
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint,
+                                                        training_args.output_dir))
+    save_final_model(trainer, tokenizer, training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

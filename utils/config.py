@@ -1,0 +1,42 @@
+"""One source of truth per run: a YAML recipe (`--config`) plus CLI overrides, parsed into dataclasses.
+
+Every field of the stage's script arguments and of TrainingArguments / SFTConfig / DPOConfig is both a YAML key
+and a `--flag`; the CLI wins. Relative paths are taken from the repository root, so a stage runs the same from
+any working directory (the original had to be started from the repo root).
+"""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import transformers
+from trl import TrlParser
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_path(path: str | None) -> str | None:
+    """A relative path that exists from the current directory is kept; any other relative path is taken from the
+    repository root."""
+    if path is None or os.path.isabs(path) or os.path.exists(path):
+        return path
+    return str(REPO_ROOT / path)
+
+
+def parse_config(dataclass_types: tuple, argv: list[str] | None = None):
+    parser = TrlParser(dataclass_types)
+    return parser.parse_args_and_config(args=argv)
+
+
+def setup_logging(training_args) -> logging.Logger:
+    """Log on the main process only (8 GPUs must not print 8 times); warnings and errors everywhere."""
+    level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=level, force=True)
+    transformers.utils.logging.set_verbosity(logging.WARNING)  # its INFO dumps whole configs
+    datasets.utils.logging.set_verbosity(logging.WARNING)
+    logger = logging.getLogger("mini_qwen")
+    logger.setLevel(level)
+    return logger
