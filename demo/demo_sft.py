@@ -1,0 +1,12 @@
+"""Tiny CPU demo of the SFT stage: mini_qwen_sft.py with configs/demo_sft.yaml (extra --flags override it)."""
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from mini_qwen_sft import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(["--config", str(REPO_ROOT / "configs" / "demo_sft.yaml"), *sys.argv[1:]])
