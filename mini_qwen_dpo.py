@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None):
     )
     trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint,
                                                         training_args.output_dir))
-    save_final_model(trainer, tokenizer, training_args.output_dir)
+    save_final_model(trainer, tokenizer, training_args.output_dir, "dpo")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None):
         trainer.data_collator = DocumentMaskCollator(trainer.data_collator, model.config._attn_implementation)
     trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint,
                                                         training_args.output_dir))
-    save_final_model(trainer, tokenizer, training_args.output_dir)
+    save_final_model(trainer, tokenizer, training_args.output_dir, "sft")
 
 
 if __name__ == "__main__":

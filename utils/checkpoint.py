@@ -1,5 +1,6 @@
 """Checkpoints that a crash cannot corrupt, `auto` resume, and final models that load anywhere."""
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from transformers import TrainerCallback
 logger = logging.getLogger("mini_qwen")
 
 COMPLETE_MARKER = "checkpoint_complete"
+STAGE_FILE = "mini_qwen_stage.json"
 
 
 class CheckpointCompleteCallback(TrainerCallback):
@@ -49,10 +51,12 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     return resume_from_checkpoint
 
 
-def save_final_model(trainer, tokenizer, output_dir: str) -> None:
+def save_final_model(trainer, tokenizer, output_dir: str, stage: str) -> None:
     """Model, tokenizer (with the chat template) and generation_config in one folder that
-    `AutoModelForCausalLM.from_pretrained` + `AutoTokenizer.from_pretrained` load with no project code."""
+    `AutoModelForCausalLM.from_pretrained` + `AutoTokenizer.from_pretrained` load with no project code, plus
+    mini_qwen_stage.json saying which stage made it (the evaluator picks raw-text or chat mode from it)."""
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
+        (Path(output_dir) / STAGE_FILE).write_text(json.dumps({"stage": stage}) + "\n")
         logger.info("final model, tokenizer and generation_config saved to %s", output_dir)

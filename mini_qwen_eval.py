@@ -1,0 +1,255 @@
+"""Evaluation: chat with a checkpoint, compare checkpoints side by side, measure repetition and perplexity.
+
+    # interactive chat (SFT/DPO checkpoints): streamed tokens, multi-turn history, /reset, /exit
+    python mini_qwen_eval.py --model_path results/sft --system "你是一个乐于助人的助手。"
+    # continue raw text with a pretraining checkpoint
+    python mini_qwen_eval.py --model_path results/pt --mode pt
+    # batch report: default prompts, several checkpoints, Markdown + JSON in --output_dir
+    python mini_qwen_eval.py --model_path results/pt results/sft results/dpo --prompts default
+    # the effect of the repetition penalty (the original evaluated greedy with none)
+    python mini_qwen_eval.py --model_path results/sft --prompts default --greedy --sweep_repetition_penalty 1.0 1.1 1.3
+    # held-out loss and bits per byte on text the model never saw
+    python mini_qwen_eval.py --model_path results/pt --eval_text heldout.txt
+
+In chat, typing the two characters \\n inserts a line break (a terminal sends them literally; seed FAQ 16).
+Decoding defaults come from the checkpoint's generation_config; every flag overrides them.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from threading import Thread
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, TextIteratorStreamer
+
+from utils.checkpoint import STAGE_FILE
+from utils.config import repo_path
+from utils.metrics import bits_per_byte, repetition_report
+from utils.modeling import pick_attention
+from utils.tokenizer import load_tokenizer
+
+# The original's four prompts, and a few more in both languages.
+DEFAULT_PROMPTS = [
+    "李白是谁", "绿豆糕", "who are you?", "tell me a story",
+    "请介绍一下长城的历史。", "如何做一道西红柿炒鸡蛋？", "Explain what a hash table is.",
+    "Write a short poem about autumn.",
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", nargs="+", required=True, help="checkpoint folder(s)")
+    parser.add_argument("--mode", choices=["auto", "chat", "pt"], default="auto",
+                        help="chat: use the chat template; pt: continue raw text; auto: from the stage that made "
+                             "the checkpoint (pt for pretraining checkpoints, else chat)")
+    parser.add_argument("--system", default=None, help="system prompt for chat mode")
+    # batch mode
+    parser.add_argument("--prompts", default=None,
+                        help="'default' or a file with one prompt per line (a .jsonl file: {\"prompt\": ...} per "
+                             "line); without it, an interactive session starts")
+    parser.add_argument("--output_dir", default="results/eval", help="where the batch report is written")
+    parser.add_argument("--sweep_repetition_penalty", type=float, nargs="+", default=None,
+                        help="run the batch once per value, e.g. 1.0 1.1 1.3")
+    parser.add_argument("--eval_text", default=None, help="held-out text file: report loss and bits per byte")
+    # decoding (defaults: the checkpoint's generation_config)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top_p", type=float)
+    parser.add_argument("--top_k", type=int)
+    parser.add_argument("--repetition_penalty", type=float)
+    parser.add_argument("--no_repeat_ngram_size", type=int)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed, for reports that can be repeated")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return parser.parse_args(argv)
+
+
+def load_model(path: str, device: str):
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing)")
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=pick_attention("auto"))
+    return model.to(device).eval(), load_tokenizer(path)
+
+
+def checkpoint_mode(path: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    stage_file = Path(path) / STAGE_FILE
+    stage = json.loads(stage_file.read_text())["stage"] if stage_file.is_file() else "chat"
+    return "pt" if stage == "pt" else "chat"
+
+
+def decoding_config(model, args, repetition_penalty=None) -> GenerationConfig:
+    config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    overrides = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                 "repetition_penalty": repetition_penalty or args.repetition_penalty,
+                 "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_new_tokens": args.max_new_tokens}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    if args.greedy:
+        config.do_sample = False
+        config.temperature = config.top_p = config.top_k = None
+    return config
+
+
+def encode(tokenizer, mode: str, history: list[dict], text: str):
+    if mode == "pt":
+        return tokenizer(text, return_tensors="pt")
+    return tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def generate(model, tokenizer, inputs, config: GenerationConfig, streamer=None) -> tuple[str, int, float]:
+    """Returns (text, new tokens, seconds)."""
+    inputs = inputs.to(model.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(**inputs, generation_config=config, streamer=streamer)
+    seconds = time.perf_counter() - start
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True), len(new_tokens), seconds
+
+
+def interactive(model, tokenizer, mode: str, args):
+    config = decoding_config(model, args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    print(f"mode={mode}; /reset clears the history, /exit quits; type \\n for a line break", flush=True)
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            break
+        command = line.strip()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            history = list(system)
+            print("[history cleared]", flush=True)
+            continue
+        if not command:
+            continue
+        text = line.replace("\\n", "\n")
+        history.append({"role": "user", "content": text})
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = encode(tokenizer, mode, history, text).to(model.device)
+        worker = Thread(target=model.generate, kwargs=dict(**inputs, generation_config=config, streamer=streamer))
+        worker.start()
+        print("assistant> ", end="", flush=True)
+        reply = "".join(print(piece, end="", flush=True) or piece for piece in streamer)
+        worker.join()
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+        if mode == "pt":
+            history = list(system)  # raw continuation has no dialogue to remember
+
+
+def read_prompts(spec: str) -> list[str]:
+    if spec == "default":
+        return DEFAULT_PROMPTS
+    path = Path(repo_path(spec))
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["prompt"] for line in lines]
+    return [line.replace("\\n", "\n") for line in lines]
+
+
+def heldout_metrics(model, tokenizer, path: str, block_size: int = 1024) -> dict:
+    """Token-level loss over the whole file in blocks, and bits per byte (comparable across tokenizers)."""
+    text = Path(repo_path(path)).read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    total_nll, predicted = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, block_size):
+            block = torch.tensor([ids[start: start + block_size + 1]], device=model.device)
+            if block.shape[1] < 2:
+                break
+            logits = model(block[:, :-1]).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0], block[0, 1:], reduction="sum")
+            total_nll += nll.item()
+            predicted += block.shape[1] - 1
+    # The first token is never predicted; its bytes are left out of the denominator.
+    scored_bytes = len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1]).encode("utf-8"))
+    return {"tokens": predicted, "loss": total_nll / max(predicted, 1),
+            "perplexity": math.exp(total_nll / max(predicted, 1)),
+            "bits_per_byte": bits_per_byte(total_nll, scored_bytes)}
+
+
+def batch_report(models: list[str], args) -> dict:
+    prompts = read_prompts(args.prompts)
+    penalties = args.sweep_repetition_penalty or [None]
+    report = {"prompts": prompts, "runs": []}
+    for path in models:
+        model, tokenizer = load_model(path, args.device)
+        mode = checkpoint_mode(path, args.mode)
+        for penalty in penalties:
+            config = decoding_config(model, args, penalty)
+            torch.manual_seed(args.seed)
+            outputs, new_tokens, seconds = [], 0, 0.0
+            for prompt in prompts:
+                history = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                    {"role": "user", "content": prompt}]
+                text, count, spent = generate(model, tokenizer, encode(tokenizer, mode, history, prompt), config)
+                outputs.append({"prompt": prompt, "output": text, "repetition": repetition_report(text)})
+                new_tokens, seconds = new_tokens + count, seconds + spent
+            run = {"model": path, "mode": mode, "outputs": outputs,
+                   "decoding": {k: v for k, v in config.to_diff_dict().items() if not k.endswith("token_id")},
+                   "tokens_per_second": new_tokens / seconds if seconds else 0.0,
+                   "looping_share": sum(o["repetition"]["looping"] for o in outputs) / len(outputs),
+                   "mean_distinct_2": sum(o["repetition"]["distinct_2"] for o in outputs) / len(outputs)}
+            if args.eval_text:
+                run["heldout"] = heldout_metrics(model, tokenizer, args.eval_text)
+            report["runs"].append(run)
+            print(f"{path} (rp={config.repetition_penalty}): looping {run['looping_share']:.0%}, "
+                  f"distinct-2 {run['mean_distinct_2']:.2f}, {run['tokens_per_second']:.1f} tokens/s", flush=True)
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["# mini_qwen evaluation report", "", "| run | mode | decoding | tokens/s | looping | distinct-2 | held-out bpb |",
+             "|---|---|---|---|---|---|---|"]
+    for index, run in enumerate(report["runs"]):
+        decoding = ", ".join(f"{k}={v}" for k, v in sorted(run["decoding"].items()))
+        bpb = f"{run['heldout']['bits_per_byte']:.3f}" if "heldout" in run else "-"
+        lines.append(f"| {index}: `{run['model']}` | {run['mode']} | {decoding} | {run['tokens_per_second']:.1f} | "
+                     f"{run['looping_share']:.0%} | {run['mean_distinct_2']:.2f} | {bpb} |")
+    for prompt_index, prompt in enumerate(report["prompts"]):
+        lines += ["", f"## {prompt}", ""]
+        for index, run in enumerate(report["runs"]):
+            output = run["outputs"][prompt_index]
+            flag = " **[looping]**" if output["repetition"]["looping"] else ""
+            text = output["output"].replace("\n", " ⏎ ")
+            lines.append(f"- run {index}{flag}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    models = [repo_path(path) for path in args.model_path]
+    if args.prompts is None and args.eval_text is None:
+        if len(models) != 1:
+            sys.exit("interactive chat takes one --model_path; use --prompts for a comparison")
+        model, tokenizer = load_model(models[0], args.device)
+        interactive(model, tokenizer, checkpoint_mode(models[0], args.mode), args)
+        return
+    if args.prompts is None:
+        for path in models:
+            model, tokenizer = load_model(path, args.device)
+            print(json.dumps({"model": path, **heldout_metrics(model, tokenizer, args.eval_text)}))
+        return
+    report = batch_report(models, args)
+    output_dir = Path(repo_path(args.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2))
+    (output_dir / "report.md").write_text(to_markdown(report))
+    print(f"report written to {output_dir / 'report.md'} and report.json")
+
+
+if __name__ == "__main__":
+    main()
