@@ -1,0 +1,37 @@
+"""Print a few normalised records of any dataset, with the skip counts: what a stage will actually see.
+
+    python utils/demo_view_data.py mini_data/sft --kind sft
+    python utils/demo_view_data.py data/pt/news_media/chinese/high --kind pt -n 2
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.data import SHAPES, SkipCounter, iter_normalized, resolve_data_files  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="files, folders or globs")
+    parser.add_argument("--kind", choices=sorted(SHAPES), required=True, help="which stage's shape to normalise to")
+    parser.add_argument("-n", type=int, default=3, help="records to print")
+    parser.add_argument("--chars", type=int, default=300, help="characters shown per text field")
+    args = parser.parse_args(argv)
+
+    files = resolve_data_files(args.paths)
+    counter = SkipCounter()
+    shown = 0
+    for record in iter_normalized(files, args.kind, counter):
+        if shown < args.n:
+            text = json.dumps(record, ensure_ascii=False, indent=1)
+            print(text if len(text) <= args.chars * 4 else text[: args.chars * 4] + " ...")
+            shown += 1
+    print(counter.report(f"{args.kind} data ({len(files)} files)"))
+
+
+if __name__ == "__main__":
+    main()
