@@ -198,7 +198,8 @@ def batch_report(models: list[str], args) -> dict:
                 outputs.append({"prompt": prompt, "output": text, "repetition": repetition_report(text)})
                 new_tokens, seconds = new_tokens + count, seconds + spent
             run = {"model": path, "mode": mode, "outputs": outputs,
-                   "decoding": {k: v for k, v in config.to_diff_dict().items() if not k.endswith("token_id")},
+                   "decoding": {k: v for k, v in config.to_diff_dict().items()
+                                if not k.endswith("token_id") and k != "transformers_version"},
                    "tokens_per_second": new_tokens / seconds if seconds else 0.0,
                    "looping_share": sum(o["repetition"]["looping"] for o in outputs) / len(outputs),
                    "mean_distinct_2": sum(o["repetition"]["distinct_2"] for o in outputs) / len(outputs)}

@@ -42,10 +42,11 @@ def pt_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sft_checkpoint(tmp_path_factory, pt_checkpoint):
+    """A tiny model fine-tuned for a few steps on the original's real Infinity-Instruct sample (7M + Gen)."""
     from mini_qwen_sft import main
 
     root = tmp_path_factory.mktemp("sft")
     main(["--config", str(REPO / "configs" / "demo_sft.yaml"), *cpu_flags(root / "out", root / "cache"),
-          "--init_from", str(pt_checkpoint), "--max_length", "128", "--per_device_train_batch_size", "4",
-          "--max_steps", "6", "--save_strategy", "no"])
+          "--init_from", str(pt_checkpoint), "--data_files", str(REFERENCE / "mini_data" / "sft"),
+          "--per_device_train_batch_size", "4", "--max_steps", "8", "--save_strategy", "no"])
     return root / "out"

@@ -1,0 +1,39 @@
+"""DPO really moves float32 weights at the original's lr 5e-7, on the original's real preference pairs."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import REFERENCE, REPO, cpu_flags
+
+
+def test_lr_5e7_moves_the_weights_and_the_reward_margin(sft_checkpoint, tmp_path):
+    from mini_qwen_dpo import main
+
+    main(["--config", str(REPO / "configs" / "demo_dpo.yaml"), *cpu_flags(tmp_path / "out", tmp_path / "cache"),
+          "--init_from", str(sft_checkpoint), "--data_files", str(REFERENCE / "mini_data" / "dpo"),
+          "--learning_rate", "5e-7", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+          "--per_device_train_batch_size", "2", "--max_length", "128", "--max_steps", "4", "--save_strategy", "no"])
+
+    before = load_file(sft_checkpoint / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    changed = sum(int((before[k] != after[k]).sum()) for k in before)
+    total = sum(t.numel() for t in before.values())
+    assert changed / total > 0.9, f"only {changed / total:.1%} of the weights moved"
+    # The same updates applied to bf16 weights would be rounded away: the original's DPO could not move.
+    weight = before["model.layers.0.mlp.down_proj.weight"]
+    moved_in_bf16 = weight.bfloat16() + (after["model.layers.0.mlp.down_proj.weight"] - weight).bfloat16()
+    assert (moved_in_bf16 == weight.bfloat16()).float().mean() > 0.9
+
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "rewards/margins" in entry]
+    assert len(logged) == 4 and "rewards/accuracies" in logged[-1]
+    assert any(abs(entry["rewards/margins"]) > 0 for entry in logged[1:])
+    (report_file,) = (tmp_path / "cache").glob("dpo-*/report.json")
+    assert json.loads(report_file.read_text())["records"]["kept"] > 100  # both splits of the real data
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.generation_config.repetition_penalty == 1.1
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())

@@ -1,0 +1,43 @@
+"""The evaluator: interactive chat through a pipe, batch reports with repetition metrics, held-out bits per byte."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_interactive_chat_two_turns_reset_and_exit(sft_checkpoint):
+    session = "你好\\n再见\nsecond turn\n/reset\nafter reset\n/exit\nnever read\n"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "mini_qwen_eval.py"), "--model_path", str(sft_checkpoint), "--max_new_tokens", "4",
+         "--system", "You are a test."], input=session, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mode=chat" in result.stdout
+    assert result.stdout.count("assistant> ") == 3  # two turns, then one after /reset; nothing after /exit
+    assert "[history cleared]" in result.stdout
+    assert result.stdout.count("user> ") == 5
+
+
+def test_batch_report_compares_checkpoints_with_metrics(pt_checkpoint, sft_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("李白是谁\ntell me a story\n")
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("床前明月光，疑是地上霜。举头望明月，低头思故乡。 The quick brown fox jumps over the lazy dog.")
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "mini_qwen_eval.py"), "--model_path", str(pt_checkpoint), str(sft_checkpoint),
+         "--prompts", str(prompts), "--max_new_tokens", "6", "--greedy", "--sweep_repetition_penalty", "1.0", "1.3",
+         "--eval_text", str(heldout), "--output_dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [run["mode"] for run in report["runs"]] == ["pt", "pt", "chat", "chat"]  # from mini_qwen_stage.json
+    assert [run["decoding"]["repetition_penalty"] for run in report["runs"]] == [1.0, 1.3, 1.0, 1.3]
+    for run in report["runs"]:
+        assert run["decoding"]["do_sample"] is False
+        assert len(run["outputs"]) == 2 and run["tokens_per_second"] > 0
+        assert set(run["outputs"][0]["repetition"]) >= {"distinct_1", "distinct_2", "repeated_4gram_share",
+                                                        "longest_repeat_chars", "looping"}
+        assert 0 < run["heldout"]["bits_per_byte"] < 30
+    markdown = (out / "report.md").read_text()
+    assert "## 李白是谁" in markdown and markdown.count("- run ") == 8

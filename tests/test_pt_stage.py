@@ -1,0 +1,64 @@
+"""The pretraining stage end to end on the tiny config: loss falls, data is tokenized once, a killed run resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REFERENCE, REPO, cpu_flags
+from utils.checkpoint import COMPLETE_MARKER, STAGE_FILE
+
+
+def losses(run_dir) -> list[float]:
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_tiny_pretraining_loss_falls_and_outputs_load_anywhere(pt_checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    curve = losses(pt_checkpoint)
+    assert len(curve) == 12
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.5  # from ~11.9 (ln 151936) down
+    assert (pt_checkpoint / "loss.png").stat().st_size > 10_000
+    assert json.loads((pt_checkpoint / STAGE_FILE).read_text()) == {"stage": "pt"}
+    model = AutoModelForCausalLM.from_pretrained(pt_checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(pt_checkpoint)
+    assert model.generation_config.do_sample and model.generation_config.top_p == 0.8
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def pt_command(output_dir, cache_dir, *extra) -> list[str]:
+    return [sys.executable, str(REPO / "mini_qwen_pt.py"), "--config", str(REPO / "configs" / "demo_pt.yaml"),
+            *cpu_flags(output_dir, cache_dir), "--data_files", str(REFERENCE / "mini_data" / "pt"),
+            "--block_size", "64", "--per_device_train_batch_size", "4", "--max_steps", "40",
+            "--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "2", *extra]
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path):
+    cache = tmp_path / "cache"
+    reference_run = subprocess.run(pt_command(tmp_path / "full", cache), capture_output=True, text=True)
+    assert reference_run.returncode == 0, reference_run.stderr[-3000:]
+    assert "[cache] preprocessed pt data written" in reference_run.stdout
+
+    interrupted = subprocess.Popen(pt_command(tmp_path / "killed", cache), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "killed").glob(f"checkpoint-*/{COMPLETE_MARKER}")):
+        assert interrupted.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(interrupted.pid, signal.SIGKILL)
+    interrupted.wait()
+    assert not (tmp_path / "killed" / "trainer_state.json").exists()  # it really died mid-run
+
+    resumed = subprocess.run(pt_command(tmp_path / "killed", cache, "--resume_from_checkpoint", "auto"),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume=auto: resuming from" in resumed.stdout
+    assert "[cache] reusing preprocessed pt data" in resumed.stdout  # no second tokenization
+    full_state = json.loads((tmp_path / "full" / "trainer_state.json").read_text())
+    resumed_state = json.loads((tmp_path / "killed" / "trainer_state.json").read_text())
+    assert resumed_state["global_step"] == full_state["global_step"] == 40
+    assert abs(losses(tmp_path / "killed")[-1] - losses(tmp_path / "full")[-1]) < 1e-3
