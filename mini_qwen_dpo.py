@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from trl import DPOConfig, DPOTrainer
 
 from utils.cache import build_or_load
-from utils.callbacks import LossPlotCallback, SigtermCallback
 from utils.chat import count_tokens
-from utils.checkpoint import CheckpointCompleteCallback, resolve_resume, save_final_model
 from utils.config import parse_config, repo_path, setup_logging
+from utils.crash_safety import CrashSafetyArguments
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, iter_normalized, resolve_data_files
 from utils.modeling import build_model, resolve_mixed_precision
 from utils.peft_utils import LoraArguments, apply_lora
 from utils.tokenizer import load_tokenizer
+from utils.training import stage_callbacks, train_and_save, with_skip_samples
 
 
 @dataclass
@@ -68,7 +68,8 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, training_args = parse_config((DPOScriptArguments, LoraArguments, DPOConfig), argv)
+    script_args, lora_args, crash_args, training_args = parse_config(
+        (DPOScriptArguments, LoraArguments, CrashSafetyArguments, DPOConfig), argv)
     training_args.output_dir = repo_path(training_args.output_dir)
     logger = setup_logging(training_args)
     resolve_mixed_precision(training_args)
@@ -77,21 +78,20 @@ def main(argv: list[str] | None = None):
     tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path) or init_from)
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
 
-    model = build_model(None, init_from, script_args.attn_implementation)
+    model = build_model(None, init_from, script_args.attn_implementation,
+                        training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
-    trainer = DPOTrainer(
+    callbacks, guard = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"))
+    trainer = with_skip_samples(DPOTrainer, crash_args)(
         model=model,
         ref_model=None,  # TRL builds the frozen reference itself (or disables the adapters under LoRA)
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[CheckpointCompleteCallback(), LossPlotCallback(("loss", "rewards/accuracies", "rewards/margins")),
-                   SigtermCallback()],
+        callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint,
-                                                        training_args.output_dir))
-    save_final_model(trainer, tokenizer, training_args.output_dir, "dpo")
+    train_and_save(trainer, tokenizer, guard, "dpo")
 
 
 if __name__ == "__main__":

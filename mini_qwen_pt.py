@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 
 from utils.cache import build_or_load
-from utils.callbacks import LossPlotCallback, SigtermCallback
-from utils.checkpoint import CheckpointCompleteCallback, resolve_resume, save_final_model
 from utils.config import parse_config, repo_path, setup_logging
+from utils.crash_safety import CrashSafetyArguments
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
 from utils.modeling import build_model, resolve_mixed_precision
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples
 from utils.peft_utils import LoraArguments, apply_lora
 from utils.tokenizer import load_tokenizer
+from utils.training import stage_callbacks, train_and_save, with_skip_samples
 
 
 @dataclass
@@ -74,7 +74,8 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, training_args = parse_config((PretrainArguments, LoraArguments, TrainingArguments), argv)
+    script_args, lora_args, crash_args, training_args = parse_config(
+        (PretrainArguments, LoraArguments, CrashSafetyArguments, TrainingArguments), argv)
     training_args.output_dir = repo_path(training_args.output_dir)
     logger = setup_logging(training_args)
     resolve_mixed_precision(training_args)
@@ -83,20 +84,20 @@ def main(argv: list[str] | None = None):
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
 
     model = build_model(repo_path(script_args.model_config), repo_path(script_args.init_from),
-                        script_args.attn_implementation)
+                        script_args.attn_implementation,
+                        training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
-    trainer = Trainer(
+    callbacks, guard = stage_callbacks(crash_args)
+    trainer = with_skip_samples(Trainer, crash_args)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=PretrainCollator(tokenizer.pad_token_id, model.config._attn_implementation),
         processing_class=tokenizer,
-        callbacks=[CheckpointCompleteCallback(), LossPlotCallback(), SigtermCallback()],
+        callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint,
-                                                        training_args.output_dir))
-    save_final_model(trainer, tokenizer, training_args.output_dir, "pt")
+    train_and_save(trainer, tokenizer, guard, "pt")
 
 
 if __name__ == "__main__":

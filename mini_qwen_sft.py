@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from trl import SFTConfig, SFTTrainer
 
 from utils.cache import build_or_load
-from utils.callbacks import LossPlotCallback, SigtermCallback
 from utils.chat import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, add_system_prompt, fit_to_length, select_turns
-from utils.checkpoint import CheckpointCompleteCallback, resolve_resume, save_final_model
 from utils.config import parse_config, repo_path, setup_logging
+from utils.crash_safety import CrashSafetyArguments
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, iter_normalized, resolve_data_files
 from utils.modeling import build_model, resolve_mixed_precision
 from utils.packing import DocumentMaskCollator
 from utils.peft_utils import LoraArguments, apply_lora
 from utils.tokenizer import load_tokenizer
+from utils.training import stage_callbacks, train_and_save, with_skip_samples
 
 
 @dataclass
@@ -87,7 +87,8 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, training_args = parse_config((SFTScriptArguments, LoraArguments, SFTConfig), argv)
+    script_args, lora_args, crash_args, training_args = parse_config(
+        (SFTScriptArguments, LoraArguments, CrashSafetyArguments, SFTConfig), argv)
     training_args.output_dir = repo_path(training_args.output_dir)
     logger = setup_logging(training_args)
     resolve_mixed_precision(training_args)
@@ -101,21 +102,21 @@ def main(argv: list[str] | None = None):
     if training_args.padding_free and not training_args.packing:
         training_args.max_length = None
 
-    model = build_model(None, init_from, script_args.attn_implementation)
+    model = build_model(None, init_from, script_args.attn_implementation,
+                        training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
-    trainer = SFTTrainer(
+    callbacks, guard = stage_callbacks(crash_args)
+    trainer = with_skip_samples(SFTTrainer, crash_args)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[CheckpointCompleteCallback(), LossPlotCallback(), SigtermCallback()],
+        callbacks=callbacks,
     )
     if training_args.packing or training_args.padding_free:
         trainer.data_collator = DocumentMaskCollator(trainer.data_collator, model.config._attn_implementation)
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint,
-                                                        training_args.output_dir))
-    save_final_model(trainer, tokenizer, training_args.output_dir, "sft")
+    train_and_save(trainer, tokenizer, guard, "sft")
 
 
 if __name__ == "__main__":

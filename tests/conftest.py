@@ -36,7 +36,7 @@ def pt_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("pt")
     main(["--config", str(REPO / "configs" / "demo_pt.yaml"), *cpu_flags(root / "out", root / "cache"),
           "--data_files", str(REFERENCE / "mini_data" / "pt"), "--block_size", "64",
-          "--per_device_train_batch_size", "4", "--max_steps", "12", "--save_strategy", "no"])
+          "--per_device_train_batch_size", "4", "--max_steps", "20", "--save_strategy", "no"])
     return root / "out"
 
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel, set_seed
 
 logger = logging.getLogger("mini_qwen")
 
@@ -65,13 +65,16 @@ def load_model_config(path: str | Path) -> PretrainedConfig:
     return config
 
 
-def build_model(model_config: str | None, init_from: str | None, attn_implementation: str = "auto") -> PreTrainedModel:
+def build_model(model_config: str | None, init_from: str | None, attn_implementation: str = "auto",
+                seed: int = 42) -> PreTrainedModel:
     """A causal LM in float32: randomly initialised from `model_config`, or loaded from the checkpoint `init_from`.
+    The random init is seeded (the Trainer seeds only after the model exists), so a run can be repeated exactly.
 
     Weights stay float32 (the optimizer's master copy) and bf16 comes from autocast: an AdamW update of lr 1e-5 or
     5e-7 is far below a bf16 weight's resolution (about |w| * 2^-8) and would be rounded away.
     """
     attention = pick_attention(attn_implementation)
+    set_seed(seed)
     if init_from:
         if not (Path(init_from) / "config.json").is_file():
             raise FileNotFoundError(f"checkpoint not found: {init_from} (no config.json there)")

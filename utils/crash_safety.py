@@ -1,0 +1,122 @@
+"""Crash safety (seed 002): stop on a NaN/inf loss or a loss spike, say where to resume, and skip the bad data.
+
+When a logged loss is not finite, or exceeds `anomaly_factor` x the median of the last `anomaly_window` logged
+losses, AnomalyGuard stops training before anything else is saved, names the last good (complete) checkpoint and
+the range of training-order sample positions consumed since it, and writes both to <output_dir>/anomaly.json.
+Resuming with `--resume_from_checkpoint auto --skip_samples A:B` replays the same data order but gives the samples
+in [A, B) no gradient, so a bad shard is stepped over without changing which data every other step sees.
+"""
+
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from utils.checkpoint import complete_checkpoints
+
+logger = logging.getLogger("mini_qwen")
+
+
+@dataclass
+class CrashSafetyArguments:
+    anomaly_factor: float = field(default=3.0, metadata={
+        "help": "stop when a logged loss exceeds this times the running median (0 disables; NaN/inf always stop)"})
+    anomaly_window: int = field(default=20, metadata={"help": "logged losses in the running median"})
+    anomaly_min_history: int = field(default=5, metadata={"help": "logged losses needed before spikes are judged"})
+    skip_samples: list[str] = field(default_factory=list, metadata={
+        "help": "training-order sample ranges A:B to give no gradient, e.g. the range anomaly.json names"})
+
+
+def global_batch(args) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def parse_ranges(specs: list[str]) -> list[tuple[int, int]]:
+    ranges = []
+    for spec in specs:
+        try:
+            start, end = (int(part) for part in spec.split(":"))
+        except ValueError:
+            raise ValueError(f"--skip_samples: expected START:END, got {spec!r}") from None
+        if not 0 <= start < end:
+            raise ValueError(f"--skip_samples: empty or negative range {spec!r}")
+        ranges.append((start, end))
+    return ranges
+
+
+class AnomalyGuard(TrainerCallback):
+    def __init__(self, crash_args: CrashSafetyArguments):
+        self.factor = crash_args.anomaly_factor
+        self.window = crash_args.anomaly_window
+        self.min_history = crash_args.anomaly_min_history
+        self.history: list[float] = []
+        self.tripped: dict | None = None
+
+    def _problem(self, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if self.factor and len(self.history) >= self.min_history:
+            median = statistics.median(self.history[-self.window:])
+            if loss > self.factor * median:
+                return f"loss {loss:.4g} is over {self.factor} x the running median {median:.4g}"
+        return None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        loss = logs.get("loss")
+        if loss is None or self.tripped:
+            return control
+        # The Trainer replaces a NaN loss in its logs by the running mean unless logging_nan_inf_filter is off;
+        # the gradient norm is never filtered, so a NaN step shows there either way.
+        grad_norm = logs.get("grad_norm")
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            problem = f"gradient norm is {grad_norm}"
+        else:
+            problem = self._problem(float(loss))
+        if problem is None:
+            self.history.append(float(loss))
+            return control
+        checkpoints = complete_checkpoints(args.output_dir)
+        last_good_step = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
+        start, end = last_good_step * global_batch(args), state.global_step * global_batch(args)
+        self.tripped = {
+            "problem": problem, "step": state.global_step,
+            "last_good_checkpoint": str(checkpoints[-1]) if checkpoints else None,
+            "skip_samples": f"{start}:{end}",
+        }
+        control.should_training_stop = True
+        control.should_save = False
+        if state.is_world_process_zero:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.output_dir) / "anomaly.json").write_text(json.dumps(self.tripped, indent=2) + "\n")
+            logger.error(
+                "stopping at step %d: %s. Last good checkpoint: %s. Samples since it: %d-%d in training order. "
+                "Resume without them: --resume_from_checkpoint auto --skip_samples %d:%d",
+                state.global_step, problem, self.tripped["last_good_checkpoint"] or "none (start over)",
+                start, end, start, end)
+        return control
+
+
+class SkipSamplesMixin:
+    """Put before a Trainer class: micro-batches whose training-order positions meet a skip range contribute a zero
+    loss (still backpropagated, so DDP/DeepSpeed ranks and gradient accumulation stay in step)."""
+
+    skip_ranges: list[tuple[int, int]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.skip_ranges and model.training and not return_outputs:
+            step = self.state.global_step
+            if getattr(self, "_skip_step", None) != step:
+                self._skip_step, self._micro_batch = step, 0
+            width = self.args.per_device_train_batch_size * self.args.world_size
+            first = (step * self.args.gradient_accumulation_steps + self._micro_batch) * width
+            self._micro_batch += 1
+            if any(start < first + width and first < end for start, end in self.skip_ranges):
+                logger.warning("skipping samples %d-%d (--skip_samples)", first, first + width)
+                return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
