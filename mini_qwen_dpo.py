@@ -27,7 +27,7 @@ from utils.data import SkipCounter, SkipRecord, files_fingerprint, iter_normaliz
 from utils.modeling import build_model, resolve_mixed_precision
 from utils.peft_utils import LoraArguments, apply_lora
 from utils.tokenizer import load_tokenizer
-from utils.training import stage_callbacks, train_and_save, with_skip_samples
+from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
@@ -64,6 +64,7 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
             lambda report: preference_rows(files, tokenizer, script_args.max_prompt_length, report),
             log=logger.info)
     logger.info(SkipCounter.from_dict(report["records"]).report(f"preference data ({len(files)} files)"))
+    write_data_report(training_args, report)
     return dataset
 
 

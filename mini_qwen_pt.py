@@ -29,7 +29,7 @@ from utils.modeling import build_model, resolve_mixed_precision
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples
 from utils.peft_utils import LoraArguments, apply_lora
 from utils.tokenizer import load_tokenizer
-from utils.training import stage_callbacks, train_and_save, with_skip_samples
+from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
@@ -70,6 +70,7 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
     logger.info(SkipCounter.from_dict(report["records"]).report(f"pretraining data ({len(files)} files)"))
     stats = PackingStats(**{k: v for k, v in report["packing"].items() if k != "padding_fraction"})
     logger.info(stats.report(script_args.packing, script_args.block_size))
+    write_data_report(training_args, report)
     return dataset
 
 

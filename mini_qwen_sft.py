@@ -33,7 +33,7 @@ from utils.modeling import build_model, resolve_mixed_precision
 from utils.packing import DocumentMaskCollator
 from utils.peft_utils import LoraArguments, apply_lora
 from utils.tokenizer import load_tokenizer
-from utils.training import stage_callbacks, train_and_save, with_skip_samples
+from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
@@ -83,6 +83,7 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
     logger.info(SkipCounter.from_dict(report["records"]).report(f"SFT data ({len(files)} files)"))
     logger.info("fitting into max_length=%d: %s", training_args.max_length,
                 ", ".join(f"{action}: {count}" for action, count in sorted(report["fitting"].items())))
+    write_data_report(training_args, report)
     return dataset
 
 

@@ -5,6 +5,7 @@
 #   bash run.sh pt|sft|dpo [--gpus N] [--bg] [extra --flags for the stage]
 #   bash run.sh all [--gpus N] [--bg]         full recipe: PT -> SFT -> DPO -> eval report
 #   bash run.sh eval [mini_qwen_eval.py flags]
+#   bash run.sh ablation [utils/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
 #
 # --gpus N  runs the stage under `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml);
 #           without it, plain `python` on one GPU (or the CPU).
@@ -12,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 [[ $# -ge 1 ]] || usage 1
 command=$1
@@ -66,6 +67,8 @@ case $command in
   demo|all) target=$command ;;
   pt|sft|dpo) target="stage $command" ;;
   eval) target="python mini_qwen_eval.py" ;;
+  ablation) target="python utils/ablation.py" ;;
+  -h|--help) usage 0 ;;
   *) echo "run.sh: unknown command '$command'" >&2; usage 2 ;;
 esac
 

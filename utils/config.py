@@ -26,6 +26,10 @@ def repo_path(path: str | None) -> str | None:
 
 
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None):
+    # accelerate passes accelerate_config.yaml's relative DeepSpeed JSON path on as is; anchor it to the repo too.
+    deepspeed_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if deepspeed_file:
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = repo_path(deepspeed_file)
     parser = TrlParser(dataclass_types)
     return parser.parse_args_and_config(args=argv)
 

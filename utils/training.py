@@ -1,8 +1,14 @@
 """What every stage does around `trainer.train()`: the callbacks, resume, the anomaly stop, the final save."""
 
+import json
+import logging
+from pathlib import Path
+
 from utils.callbacks import LossPlotCallback, SigtermCallback
 from utils.checkpoint import CheckpointCompleteCallback, resolve_resume, save_final_model
 from utils.crash_safety import AnomalyGuard, CrashSafetyArguments, SkipSamplesMixin, parse_ranges
+
+logger = logging.getLogger("mini_qwen")
 
 
 def with_skip_samples(trainer_class, crash_args: CrashSafetyArguments):
@@ -18,9 +24,23 @@ def stage_callbacks(crash_args: CrashSafetyArguments, plot_keys=("loss", "grad_n
 
 def train_and_save(trainer, tokenizer, guard: AnomalyGuard, stage: str) -> None:
     args = trainer.args
+    precision = "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32"
+    if trainer.is_deepspeed_enabled:
+        zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        logger.info("launch: DeepSpeed ZeRO-%d on %d process(es), %s", zero_stage, args.world_size, precision)
+    else:
+        logger.info("launch: %d process(es), no DeepSpeed, %s", args.world_size, precision)
     trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
     if guard.tripped:
         # The weights in memory took the bad step: they are not saved.
         raise SystemExit(f"{stage}: training stopped at step {guard.tripped['step']} ({guard.tripped['problem']}); "
                          f"see {args.output_dir}/anomaly.json for the checkpoint and --skip_samples to resume with")
     save_final_model(trainer, tokenizer, args.output_dir, stage)
+
+
+def write_data_report(training_args, report: dict) -> None:
+    """<output_dir>/data_report.json: what preprocessing kept, skipped and why (also printed at the start)."""
+    if training_args.process_index == 0:
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(training_args.output_dir) / "data_report.json").write_text(
+            json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,37 @@
+"""The launch paths users run: accelerate + DeepSpeed ZeRO-2 with the repo's configs, and run.sh."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def test_pt_stage_runs_under_accelerate_with_deepspeed_zero2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
+         "--num_processes", "1", str(REPO / "mini_qwen_pt.py"), "--config", str(REPO / "configs" / "demo_pt.yaml"),
+         "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--max_steps", "3",
+         "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launch: DeepSpeed ZeRO-2 on 1 process(es)" in result.stdout  # the "auto" values were accepted
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_shell_scripts_parse_and_pass_shellcheck():
+    for script in ("run.sh", "prepare.sh", ".ci/run"):
+        assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed")
+    result = subprocess.run(["shellcheck", "run.sh", "prepare.sh", ".ci/run"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_run_sh_rejects_unknown_commands_and_bad_gpu_counts():
+    unknown = subprocess.run(["bash", str(REPO / "run.sh"), "train"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown command 'train'" in unknown.stderr
+    bad_gpus = subprocess.run(["bash", str(REPO / "run.sh"), "pt", "--gpus", "zero"], capture_output=True, text=True)
+    assert bad_gpus.returncode == 2 and "--gpus needs a positive number" in bad_gpus.stderr

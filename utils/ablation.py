@@ -1,0 +1,124 @@
+"""The original's pretraining experiments, repeatable: pt1-pt3 as it ran them, plus pt4.
+
+    bash run.sh ablation                                   # mini_data, tiny model, CPU: a few minutes
+    python utils/ablation.py --data_root data/pt --config configs/pt.yaml --max_steps 2000 --output_dir results/ablation
+
+| run | data | packing | what it tests |
+|---|---|---|---|
+| pt1 | zh | none: one document per sample, padded | the original's "regular method" |
+| pt2 | zh | concat | packing vs. padding (the original's pt2) |
+| pt3 | zh + en | none | adding English (the original's pt3) |
+| pt4 | zh + en | document: packed, attention kept inside each document | ours |
+
+Every run is the real PT stage (mini_qwen_pt.main) with the same recipe and only data/packing changed. The result
+is an overlay of the loss curves against tokens processed (ablation_loss.png), beside the original's own logged
+pt1-pt3 curves when its logs are given, and a table (ablation.md): final loss, held-out bits per byte, tokens
+processed and padding fraction.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from utils.config import repo_path  # noqa: E402
+from utils.plot_loss import plot_runs, read_log_history  # noqa: E402
+
+RUNS = {
+    "pt1": ("zh", "none"),
+    "pt2": ("zh", "concat"),
+    "pt3": ("zh+en", "none"),
+    "pt4": ("zh+en", "document"),
+}
+LANGUAGE_FOLDERS = {"zh": ["chinese"], "zh+en": ["chinese", "english"]}
+
+
+def data_folders(data_root: str, languages: str) -> list[str]:
+    root = Path(repo_path(data_root))
+    folders = sorted(str(p) for lang in LANGUAGE_FOLDERS[languages] for p in root.glob(f"*/{lang}/high"))
+    if not folders:
+        raise FileNotFoundError(f"no <industry>/<language>/high folders under {root}")
+    return folders
+
+
+def run_one(name: str, args) -> Path:
+    from mini_qwen_pt import main as pretrain
+
+    languages, packing = RUNS[name]
+    output_dir = Path(repo_path(args.output_dir)) / name
+    flags = ["--config", repo_path(args.config), "--output_dir", str(output_dir), "--packing", packing,
+             "--data_files", *data_folders(args.data_root, languages), "--save_strategy", "no",
+             "--resume_from_checkpoint", "", "--report_to", "none", *args.extra]
+    if args.max_steps:
+        flags += ["--max_steps", str(args.max_steps)]
+    pretrain(flags)
+    return output_dir
+
+
+def heldout_bits_per_byte(run_dir: Path, heldout: str) -> float:
+    from mini_qwen_eval import heldout_metrics, load_model
+
+    model, tokenizer = load_model(str(run_dir), "cuda" if torch.cuda.is_available() else "cpu")
+    return heldout_metrics(model, tokenizer, heldout)["bits_per_byte"]
+
+
+def original_curves(csv_path: str) -> dict[str, list[dict]]:
+    """The original's logged pt1-pt3 losses (step = 20 x index; 6 GPUs x 12 x 16 x 1024 tokens per step)."""
+    runs: dict[str, list[dict]] = {}
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["run"] in ("pt1", "pt2", "pt3"):
+                step = int(float(row["step"]))
+                runs.setdefault(f"original {row['run']}", []).append(
+                    {"step": step, "loss": float(row["loss"]), "num_input_tokens_seen": step * 6 * 12 * 16 * 1024})
+    return runs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_root", default="mini_data/pt", help="folder of <industry>/<language>/high folders")
+    parser.add_argument("--config", default="configs/demo_pt.yaml", help="the PT recipe every run shares")
+    parser.add_argument("--heldout_text", default="mini_data/heldout/heldout.txt", help="text no run trains on")
+    parser.add_argument("--output_dir", default="results/ablation")
+    parser.add_argument("--max_steps", type=int, default=None, help="the same step budget for every run")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--original_logs", default=None,
+                        help="loss_curves_extracted.csv of the original's logs, drawn in a second panel")
+    args, args.extra = parser.parse_known_args(argv)
+
+    output_dir = Path(repo_path(args.output_dir))
+    rows, histories = [], {}
+    for name in args.runs:
+        run_dir = run_one(name, args)
+        languages, packing = RUNS[name]
+        history = read_log_history(run_dir)
+        histories[f"{name} ({languages}, {packing})"] = history
+        losses = [e["loss"] for e in history if "loss" in e]
+        tokens = max((e.get("num_input_tokens_seen", 0) for e in history), default=0)
+        rows.append({"run": name, "data": languages, "packing": packing, "final_loss": losses[-1],
+                     "heldout_bits_per_byte": heldout_bits_per_byte(run_dir, args.heldout_text),
+                     "tokens_processed": tokens, "steps": len(losses),
+                     "padding_fraction": json.loads((run_dir / "data_report.json").read_text())["packing"][
+                         "padding_fraction"]})
+    figure = plot_runs(histories, output_dir / "ablation_loss.png", ("loss",), x="tokens",
+                       title="pretraining ablation: loss vs tokens processed")
+    if args.original_logs:
+        plot_runs(original_curves(args.original_logs), output_dir / "original_loss.png", ("loss",), x="tokens",
+                  title="the original's logged pt1-pt3 (6 GPUs)")
+    table = ["| run | data | packing | steps | tokens processed | padding | final loss | held-out bits/byte |",
+             "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['run']} | {r['data']} | {r['packing']} | {r['steps']} | {r['tokens_processed']:,} | "
+              f"{r['padding_fraction']:.1%} | {r['final_loss']:.3f} | {r['heldout_bits_per_byte']:.3f} |" for r in rows]
+    (output_dir / "ablation.md").write_text("\n".join(table) + "\n")
+    (output_dir / "ablation.json").write_text(json.dumps(rows, indent=2))
+    print("\n".join(table))
+    print(f"curves: {figure}")
+
+
+if __name__ == "__main__":
+    main()
