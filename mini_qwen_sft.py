@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from trl import SFTConfig, SFTTrainer
 
 from utils.cache import build_or_load
-from utils.chat import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, add_system_prompt, fit_to_length, select_turns
+from utils.chat import (DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, add_system_prompt, fill_identity,
+                        fit_to_length, select_turns)
 from utils.config import parse_config, repo_path, setup_logging
 from utils.crash_safety import CrashSafetyArguments
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, iter_normalized, resolve_data_files
@@ -47,6 +48,11 @@ class SFTScriptArguments:
     system_prompt_strategy: str = field(default="none", metadata={
         "help": f"{'|'.join(SYSTEM_PROMPT_STRATEGIES)}: as in the data; one default prompt; 50% default, 50% by category"})
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "the default system prompt"})
+    identity_file: str | None = field(default=None, metadata={
+        "help": "identity Q&A with {{name}}/{{author}} placeholders mixed in, e.g. mini_data/identity/identity.jsonl"})
+    identity_name: str = field(default="mini_qwen", metadata={"help": "fills {{name}} in the identity data"})
+    identity_author: str = field(default="the mini_qwen authors", metadata={"help": "fills {{author}}"})
+    identity_repeat: int = field(default=3, metadata={"help": "times the (small) identity set is repeated"})
     cache_dir: str = field(default="cache", metadata={"help": "where prepared conversations are kept for reuse"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2"})
 
@@ -67,13 +73,24 @@ def conversation_rows(files, tokenizer, script_args, max_length, seed, report):
 
     yield from iter_normalized(files, "sft", counter, shape)
     report.update(records=counter.to_dict(), fitting=dict(fitted))
+    if script_args.identity_file:
+        identity_counter = SkipCounter()
+        identity_files = resolve_data_files([repo_path(script_args.identity_file)])
+        for _ in range(script_args.identity_repeat):
+            yield from iter_normalized(identity_files, "sft", identity_counter, lambda record: shape(
+                {**record, "messages": fill_identity(record["messages"], script_args.identity_name,
+                                                     script_args.identity_author)}))
+        report.update(identity=identity_counter.to_dict())
 
 
 def prepare_dataset(script_args, tokenizer, training_args, logger):
     files = resolve_data_files([repo_path(f) for f in script_args.data_files])
     key = {"files": files_fingerprint(files), "vocab": len(tokenizer), "template": tokenizer.chat_template,
            "max_length": training_args.max_length, "turns": script_args.turns, "seed": training_args.seed,
-           "system": [script_args.system_prompt_strategy, script_args.system_prompt], "version": 1}
+           "system": [script_args.system_prompt_strategy, script_args.system_prompt],
+           "identity": [script_args.identity_file and files_fingerprint([repo_path(script_args.identity_file)]),
+                        script_args.identity_name, script_args.identity_author, script_args.identity_repeat],
+           "version": 1}
     with training_args.main_process_first(desc="prepare conversations"):
         dataset, report = build_or_load(
             repo_path(script_args.cache_dir), "sft", key,
@@ -81,6 +98,9 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
                                              training_args.seed, report),
             log=logger.info)
     logger.info(SkipCounter.from_dict(report["records"]).report(f"SFT data ({len(files)} files)"))
+    if "identity" in report:
+        logger.info(SkipCounter.from_dict(report["identity"]).report(
+            f"identity data x{script_args.identity_repeat} ({script_args.identity_name}, {script_args.identity_author})"))
     logger.info("fitting into max_length=%d: %s", training_args.max_length,
                 ", ".join(f"{action}: {count}" for action, count in sorted(report["fitting"].items())))
     write_data_report(training_args, report)

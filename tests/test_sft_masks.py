@@ -91,3 +91,47 @@ def test_answer_longer_than_max_length_is_skipped_with_a_reason(tokenizer):
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "long answer " * 200}]
     with pytest.raises(SkipRecord, match="answer alone is longer than max_length"):
         fit_to_length(messages, tokenizer, 128)
+
+
+def test_packed_rows_keep_each_sample_to_itself(tokenizer, tmp_path):
+    """`packing: true` puts several conversations in one row; with sdpa the stage's DocumentMaskCollator must
+    make each one's logits equal to the same conversation alone."""
+    import torch
+
+    from utils.packing import DocumentMaskCollator
+
+    conversations = [CASES["single turn"], CASES["with system prompt"], CASES["answer starts with a newline"]]
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, packing=True, max_length=512, use_cpu=True,
+                     bf16=False, report_to="none", per_device_train_batch_size=1, activation_checkpointing=False)
+    model = build_model(str(TINY_CONFIG), None, "sdpa").eval()
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"messages": c} for c in conversations]))
+    row = trainer.train_dataset[0]
+    batch = DocumentMaskCollator(trainer.data_collator, "sdpa")([row])
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 3 and batch["attention_mask"].shape[-2:] == batch["input_ids"].shape[-1:] * 2
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       attention_mask=batch["attention_mask"]).logits[0]
+        ends = starts[1:] + [batch["input_ids"].shape[1]]
+        for start, end in zip(starts, ends):
+            alone = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
+            torch.testing.assert_close(packed[start:end], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_identity_data_is_mixed_in_with_its_placeholders_filled(tokenizer):
+    from types import SimpleNamespace
+
+    from conftest import REPO
+    from mini_qwen_sft import conversation_rows
+
+    script_args = SimpleNamespace(turns="all", system_prompt_strategy="none", system_prompt="", identity_repeat=2,
+                                  identity_file=str(REPO / "mini_data" / "identity" / "identity.jsonl"),
+                                  identity_name="小Q", identity_author="Ada Lovelace")
+    report = {}
+    rows = list(conversation_rows([str(REPO / "mini_data" / "sft" / "Gen" / "train-00000-of-00001.parquet")],
+                                  tokenizer, script_args, 1024, 0, report))
+    identity_rows = [r for r in rows if "Ada Lovelace" in r["messages"][-1]["content"]]
+    assert report["identity"]["kept"] == 2 * 16 and len(rows) == report["records"]["kept"] + 32
+    assert len(identity_rows) >= 2 * 6
+    assert not any("{{" in m["content"] for r in rows for m in r["messages"])

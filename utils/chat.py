@@ -60,6 +60,12 @@ def add_system_prompt(
     return [{"role": "system", "content": prompt}] + messages
 
 
+def fill_identity(messages: list[dict], name: str, author: str) -> list[dict]:
+    """Identity data is written with {{name}} / {{author}} placeholders, so the model learns who it is instead of
+    claiming to be someone else's (the original's model said OpenAI created it)."""
+    return [{**m, "content": m["content"].replace("{{name}}", name).replace("{{author}}", author)} for m in messages]
+
+
 def count_tokens(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> int:
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     return len(tokenizer(text, add_special_tokens=False).input_ids)
