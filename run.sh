@@ -9,23 +9,26 @@
 #
 # --gpus N  runs the stage under `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml);
 #           without it, plain `python` on one GPU (or the CPU).
+# --ddp     with --gpus: plain DDP (accelerate_config_ddp.yaml) instead of ZeRO-2, for 40-80 GB GPUs.
 # --bg      runs under nohup, logging to logs/output_<stage>.log, and prints the log path and the pid.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 [[ $# -ge 1 ]] || usage 1
 command=$1
 shift
 gpus=1
 background=0
+accelerate_config=accelerate_config.yaml
 extra=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --gpus) gpus=$2; shift 2 ;;
     --gpus=*) gpus=${1#--gpus=}; shift ;;
     --bg) background=1; shift ;;
+    --ddp) accelerate_config=accelerate_config_ddp.yaml; shift ;;
     -h|--help) usage 0 ;;
     *) extra+=("$1"); shift ;;
   esac
@@ -34,7 +37,7 @@ done
 
 launcher() {
   if [[ $gpus -gt 1 ]]; then
-    echo accelerate launch --config_file accelerate_config.yaml --num_processes "$gpus"
+    echo accelerate launch --config_file "$accelerate_config" --num_processes "$gpus"
   else
     echo python
   fi
@@ -76,7 +79,9 @@ if [[ $background -eq 1 ]]; then
   mkdir -p logs
   log="logs/output_$command.log"
   # Re-enter this script in the foreground under nohup, so a chain still runs its stages one after another.
-  nohup bash "$0" "$command" --gpus "$gpus" "${extra[@]}" > "$log" 2>&1 &
+  ddp_flag=()
+  [[ $accelerate_config == accelerate_config_ddp.yaml ]] && ddp_flag=(--ddp)
+  nohup bash "$0" "$command" --gpus "$gpus" "${ddp_flag[@]}" "${extra[@]}" > "$log" 2>&1 &
   echo "started '$command' in the background: pid $!, log $log (tail -f $log)"
 else
   # shellcheck disable=SC2086  # $target is a function name plus its stage argument

@@ -102,7 +102,7 @@ def main(argv=None):
         tokens = max((e.get("num_input_tokens_seen", 0) for e in history), default=0)
         rows.append({"run": name, "data": languages, "packing": packing, "final_loss": losses[-1],
                      "heldout_bits_per_byte": heldout_bits_per_byte(run_dir, args.heldout_text),
-                     "tokens_processed": tokens, "steps": len(losses),
+                     "tokens_processed": tokens, "steps": max(e.get("step", 0) for e in history),
                      "padding_fraction": json.loads((run_dir / "data_report.json").read_text())["packing"][
                          "padding_fraction"]})
     figure = plot_runs(histories, output_dir / "ablation_loss.png", ("loss",), x="tokens",

@@ -1,0 +1,299 @@
+"""Measure what a training stage costs: tokens/s per device, MFU, peak memory, step-time spread; and the data prep.
+
+    # one GPU, the real 1B config, our recipe vs. the original's, one JSON line + one Markdown row each
+    python utils/benchmark.py step --stage pt --recipe ours --steps 20
+    python utils/benchmark.py step --stage pt --recipe original --steps 20
+    python utils/benchmark.py step --stage sft --padding_free            # vs. without the flag: padded batches
+    python utils/benchmark.py step --stage dpo --precompute_ref            # vs. a reference forward every step
+    # CPU: tokenize + pack throughput of our streaming pipeline vs. the original's datasets.map approach
+    python utils/benchmark.py data_prep --corpus mini_data/pt --repeat 20
+
+The step benchmark drives the model and optimizer directly on synthetic token ids (the data pipeline is measured
+separately by `data_prep`): forward with loss, backward, clip, AdamW step. Presets:
+- `--recipe original`: bf16 weights updated in place by AdamW (the original's single-GPU numerics), sdpa or its
+  flash-attention choice, micro-batch 12, block 1024, the full-logits loss.
+- `--recipe ours` (default): fp32 master weights, bf16 autocast, fused AdamW on GPU; every optimisation is a flag.
+
+MFU = achieved FLOP/s / peak FLOP/s of the device, with FLOPs per token = 6·N (N = all parameters, embeddings
+included, as the original's 18% figure used) + 12·L·H·S for attention (L layers, H hidden size, S sequence
+length; forward + backward of QK^T and AV, causal masking not subtracted). Peak: the table below, bf16 dense.
+Results are appended to --output (JSON lines); docs/BENCHMARKS.md records them with their commands.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from utils.config import repo_path  # noqa: E402
+
+# bf16 dense peak TFLOP/s by GPU name (fp16 for the T4, which has no bf16).
+PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "A10": 125.0, "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in device_name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(config, parameters: int, seq_len: int) -> float:
+    return 6 * parameters + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def versions() -> dict:
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "python": platform.python_version()}
+
+
+def synthetic_batch(stage: str, micro_batch: int, seq_len: int, padding_free: bool, generator) -> dict:
+    """Token ids shaped like each stage's batches. SFT lengths follow a long-tailed distribution like
+    Infinity-Instruct's (many short answers, some near the limit)."""
+    vocab = 151643
+    if stage == "sft":
+        lengths = (torch.distributions.Exponential(1 / (seq_len * 0.35)).sample((micro_batch,)) + 32)
+        lengths = lengths.clamp(max=seq_len).long().tolist()
+        if padding_free:
+            ids = torch.randint(0, vocab, (1, sum(lengths)), generator=generator)
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            return {"input_ids": ids, "position_ids": positions, "labels": ids.clone(), "real_tokens": sum(lengths)}
+        ids = torch.randint(0, vocab, (micro_batch, max(lengths)), generator=generator)
+        mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+        return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100),
+                "real_tokens": sum(lengths)}
+    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=generator)
+    return {"input_ids": ids, "labels": ids.clone(), "real_tokens": ids.numel()}
+
+
+def dpo_loss(model, reference, batch, beta: float = 0.1, reference_logps=None):
+    """Sigmoid DPO on a batch whose first half is 'chosen' and second half 'rejected'."""
+
+    def sequence_logps(net, ids):
+        logits = net(input_ids=ids).logits[:, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
+
+    policy = sequence_logps(model, batch["input_ids"])
+    if reference_logps is None:
+        with torch.no_grad():
+            reference_logps = sequence_logps(reference, batch["input_ids"])
+    half = policy.shape[0] // 2
+    margin = (policy[:half] - reference_logps[:half]) - (policy[half:] - reference_logps[half:])
+    return -torch.nn.functional.logsigmoid(beta * margin).mean()
+
+
+def step_benchmark(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from utils.modeling import load_model_config, pick_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    original = args.recipe == "original"
+    config = load_model_config(repo_path(args.model_config))
+    attention = pick_attention(args.attn_implementation)
+    weight_dtype = torch.bfloat16 if original and device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype, attn_implementation=attention).to(device)
+    if args.liger and not original:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.compile:
+        model = torch.compile(model)
+    reference = None
+    if args.stage == "dpo" and not args.precompute_ref:
+        reference = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                                                     attn_implementation=attention).to(device).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
+                                  fused=device == "cuda" and not original and args.fused_adamw)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=not original and device == "cuda")
+    generator = torch.Generator().manual_seed(0)
+    step_times, tokens = [], 0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        batch = synthetic_batch(args.stage, args.micro_batch, args.seq_len, args.padding_free, generator)
+        real_tokens = batch.pop("real_tokens")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            if args.stage == "dpo":
+                half = batch["input_ids"].shape[0] // 2
+                precomputed = torch.zeros(2 * half, device=device) if args.precompute_ref else None
+                loss = dpo_loss(model, reference, {"input_ids": batch["input_ids"][: 2 * half]},
+                                reference_logps=precomputed)
+            else:
+                loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+            tokens += real_tokens
+    seconds = sum(step_times)
+    tokens_per_second = tokens / seconds
+    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    peak = peak_flops(device_name) if device == "cuda" else None
+    achieved = tokens_per_second * flops_per_token(config, parameters, args.seq_len)
+    return {
+        "stage": args.stage, "recipe": args.recipe, "device": device_name, "parameters": parameters,
+        "tokens_per_second": round(tokens_per_second, 1), "mfu": round(achieved / peak, 4) if peak else None,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "step_seconds_median": round(statistics.median(step_times), 4),
+        "step_seconds_spread": round(max(step_times) - min(step_times), 4),
+        "settings": {"attention": attention, "weights": str(weight_dtype).replace("torch.", ""),
+                     "autocast": "bf16" if not original and device == "cuda" else "none",
+                     "micro_batch": args.micro_batch, "seq_len": args.seq_len, "padding_free": args.padding_free,
+                     "precompute_ref": args.precompute_ref, "liger": args.liger, "compile": args.compile,
+                     "activation_checkpointing": args.activation_checkpointing,
+                     "fused_adamw": optimizer.defaults.get("fused"), "steps": args.steps},
+        "versions": versions(), "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _prep_ours(files: list[str], block_size: int, cache_dir: str) -> int:
+    from utils.cache import build_or_load
+    from utils.packing import pretraining_samples
+    from utils.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    dataset, report = build_or_load(cache_dir, "bench", {"t": time.time()}, lambda report: pretraining_samples(
+        files, tokenizer, block_size, "concat", report), log=lambda *_: None)
+    return report["packing"]["tokens_kept"]
+
+
+def _prep_original(files: list[str], block_size: int, cache_dir: str) -> int:
+    """The original's approach: load_dataset → map(tokenize, batch 5000) → map(group into blocks, batch 5000)."""
+    from itertools import chain
+
+    from datasets import load_dataset
+
+    from utils.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    dataset = load_dataset("parquet", data_files=files, split="train", columns=["text"], cache_dir=cache_dir)
+
+    def tokenize(batch):
+        return tokenizer([text + tokenizer.eos_token for text in batch["text"]], add_special_tokens=False)
+
+    def group(batch):
+        concatenated = list(chain.from_iterable(batch["input_ids"]))
+        usable = len(concatenated) // block_size * block_size
+        return {"input_ids": [concatenated[i: i + block_size] for i in range(0, usable, block_size)]}
+
+    tokenized = dataset.map(tokenize, batched=True, batch_size=5000, remove_columns=dataset.column_names)
+    blocks = tokenized.map(group, batched=True, batch_size=5000, remove_columns=tokenized.column_names)
+    return len(blocks) * block_size
+
+
+def _prep_child(which: str, files: list[str], block_size: int, cache_dir: str) -> None:
+    """Run one pipeline in this (child) process and print tokens, seconds and peak RSS as JSON."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, as the comparison states
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    tokens = (_prep_ours if which == "ours" else _prep_original)(files, block_size, cache_dir)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"pipeline": which, "tokens": tokens, "seconds": round(seconds, 2),
+                      "tokens_per_second": round(tokens / seconds), "peak_rss_mb": round(
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+
+
+def data_prep_benchmark(args) -> list[dict]:
+    """Both pipelines on the same corpus (the mini corpus repeated --repeat times), each in a fresh process."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utils.data import resolve_data_files
+
+    work = Path(tempfile.mkdtemp(prefix="mini_qwen_bench_"))
+    texts = [pq.read_table(f, columns=["text"]).column("text") for f in resolve_data_files([repo_path(args.corpus)])]
+    corpus = pa.table({"text": pa.chunked_array([c for c in texts for _ in range(args.repeat)])})
+    pq.write_table(corpus, work / "corpus.parquet")
+    results = []
+    for which in ("ours", "original"):
+        output = subprocess.run([sys.executable, __file__, "_prep_child", which, str(work / "corpus.parquet"),
+                                 str(args.block_size), str(work / which)], capture_output=True, text=True, check=True)
+        result = json.loads(output.stdout.strip().splitlines()[-1])
+        result.update(corpus_mb=round((work / "corpus.parquet").stat().st_size / 2**20, 1), documents=len(corpus),
+                      block_size=args.block_size, versions=versions(), date=time.strftime("%Y-%m-%d"))
+        results.append(result)
+    return results
+
+
+def markdown_row(result: dict) -> str:
+    if "pipeline" in result:
+        return (f"| data_prep | {result['pipeline']} | {result['documents']} docs, {result['corpus_mb']} MB | "
+                f"{result['tokens_per_second']:,} tokens/s | peak RSS {result['peak_rss_mb']} MB |")
+    settings = ", ".join(f"{k}={v}" for k, v in result["settings"].items())
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
+    return (f"| {result['stage']} | {result['recipe']} | {result['device']} | {result['tokens_per_second']:,} | "
+            f"{mfu} | {result['peak_memory_gb']} GB | {result['step_seconds_median']} s | {settings} |")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_prep_child":
+        _, which, corpus, block_size, cache_dir = argv
+        return _prep_child(which, [corpus], int(block_size), cache_dir)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    step = sub.add_parser("step", help="optimizer steps of a stage on the model")
+    step.add_argument("--stage", choices=["pt", "sft", "dpo"], default="pt")
+    step.add_argument("--recipe", choices=["ours", "original"], default="ours")
+    step.add_argument("--model_config", default="models/mini_qwen_1b")
+    step.add_argument("--attn_implementation", default="auto")
+    step.add_argument("--micro_batch", type=int, default=12)
+    step.add_argument("--seq_len", type=int, default=1024)
+    step.add_argument("--steps", type=int, default=20)
+    step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--padding_free", action="store_true", help="SFT: samples concatenated, no padding")
+    step.add_argument("--precompute_ref", action="store_true", help="DPO: no reference forward in the step")
+    step.add_argument("--liger", action="store_true", help="Liger kernels (RMSNorm, SwiGLU, RoPE)")
+    step.add_argument("--compile", action="store_true", help="torch.compile the model")
+    step.add_argument("--activation_checkpointing", action="store_true")
+    step.add_argument("--no_fused_adamw", dest="fused_adamw", action="store_false")
+    prep = sub.add_parser("data_prep", help="tokenize + pack throughput, ours vs. the original's")
+    prep.add_argument("--corpus", default="mini_data/pt")
+    prep.add_argument("--repeat", type=int, default=20, help="times the corpus is repeated")
+    prep.add_argument("--block_size", type=int, default=1024)
+    for command in (step, prep):
+        command.add_argument("--output", default=None, help="append the JSON results to this file")
+    args = parser.parse_args(argv)
+
+    results = [step_benchmark(args)] if args.command == "step" else data_prep_benchmark(args)
+    for result in results:
+        print(json.dumps(result))
+        print(markdown_row(result))
+        if args.output:
+            with open(repo_path(args.output), "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
