@@ -51,35 +51,39 @@ def pack_documents(
     if mode not in PACKING_MODES:
         raise ValueError(f"packing must be one of {PACKING_MODES}, got {mode!r}")
     buffer: list[int] = []
-    positions: list[int] = []
+    document_starts: list[int] = []  # where in `buffer` each document begins (document mode)
     for ids in documents:
-        ids = list(ids) + [eos_token_id]
         stats.documents += 1
-        stats.tokens_in += len(ids)
+        stats.tokens_in += len(ids) + 1
         if mode == "none":
-            kept = ids[:block_size]
+            kept = (list(ids) + [eos_token_id])[:block_size]
             stats.tokens_kept += len(kept)
-            stats.tokens_dropped += len(ids) - len(kept)
+            stats.tokens_dropped += len(ids) + 1 - len(kept)
             stats.padding_tokens += block_size - len(kept)
             stats.samples += 1
             yield {"input_ids": kept}
             continue
+        document_starts.append(len(buffer))
         buffer.extend(ids)
-        positions.extend(range(len(ids)))
-        while len(buffer) >= block_size:
-            block, buffer = buffer[:block_size], buffer[block_size:]
-            block_positions, positions = positions[:block_size], positions[block_size:]
+        buffer.append(eos_token_id)
+        full_blocks = len(buffer) // block_size
+        for block_index in range(full_blocks):
+            start = block_index * block_size
+            block = buffer[start : start + block_size]
             stats.tokens_kept += block_size
             stats.samples += 1
             if mode == "document":
-                if block_positions[0] != 0:
-                    # A document cut by the block edge restarts at position 0 here, like a document of its own.
-                    next_start = next((i for i, p in enumerate(block_positions) if p == 0), block_size)
-                    offset = block_positions[0]
-                    block_positions = [p - offset for p in block_positions[:next_start]] + block_positions[next_start:]
-                yield {"input_ids": block, "position_ids": block_positions}
+                # Positions restart at every document start; a document cut by the block edge restarts at 0 in the
+                # next block, like a document of its own.
+                edges = [0] + [s - start for s in document_starts if start < s < start + block_size] + [block_size]
+                positions = [p for begin, end in zip(edges, edges[1:]) for p in range(end - begin)]
+                yield {"input_ids": block, "position_ids": positions}
             else:
                 yield {"input_ids": block}
+        if full_blocks:
+            consumed = full_blocks * block_size
+            del buffer[:consumed]
+            document_starts = [s - consumed for s in document_starts if s >= consumed]
     stats.tokens_dropped += len(buffer)
 
 
@@ -117,15 +121,21 @@ def pretraining_samples(files: list[str], tokenizer, block_size: int, mode: str,
         return record
 
     def token_lists():
-        batch = []
-        for record in iter_normalized(files, "pt", counter, quality_filter):
-            batch.append(record["text"])
-            if len(batch) == tokenize_batch:
-                # split_special_tokens: a literal "<|im_end|>" in a web page is text, not a control token.
-                yield from tokenizer(batch, add_special_tokens=False, split_special_tokens=True).input_ids
-                batch = []
-        if batch:
-            yield from tokenizer(batch, add_special_tokens=False, split_special_tokens=True).input_ids
+        # The Rust tokenizer directly, without the offsets a Python wrapper call computes (~25% faster here), and
+        # with special-token strings encoded as text: a literal "<|im_end|>" in a web page is not a control token.
+        backend = tokenizer.backend_tokenizer
+        previous, backend.encode_special_tokens = backend.encode_special_tokens, True
+        try:
+            batch = []
+            for record in iter_normalized(files, "pt", counter, quality_filter):
+                batch.append(record["text"])
+                if len(batch) == tokenize_batch:
+                    yield from (e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False))
+                    batch = []
+            if batch:
+                yield from (e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False))
+        finally:
+            backend.encode_special_tokens = previous
 
     yield from pack_documents(token_lists(), block_size, mode, tokenizer.eos_token_id, stats)
     report.update(records=counter.to_dict(), packing=stats.to_dict())
