@@ -21,11 +21,10 @@ from trl import DPOConfig, DPOTrainer
 
 from utils.cache import build_or_load
 from utils.chat import count_tokens
-from utils.config import parse_config, repo_path, setup_logging
-from utils.crash_safety import CrashSafetyArguments
+from utils.config import parse_stage_args, repo_path
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, iter_normalized, resolve_data_files
-from utils.modeling import build_model, resolve_mixed_precision
-from utils.peft_utils import LoraArguments, apply_lora
+from utils.modeling import build_model
+from utils.peft_utils import apply_lora
 from utils.tokenizer import load_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
@@ -69,18 +68,14 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, crash_args, training_args = parse_config(
-        (DPOScriptArguments, LoraArguments, CrashSafetyArguments, DPOConfig), argv)
-    training_args.output_dir = repo_path(training_args.output_dir)
-    logger = setup_logging(training_args)
-    resolve_mixed_precision(training_args)
+    script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
+        DPOScriptArguments, DPOConfig, argv)
 
     init_from = repo_path(script_args.init_from)
     tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path) or init_from)
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
 
-    model = build_model(None, init_from, script_args.attn_implementation,
-                        training_args.seed)
+    model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
     callbacks, guard = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"))

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 
 from utils.cache import build_or_load
-from utils.config import parse_config, repo_path, setup_logging
-from utils.crash_safety import CrashSafetyArguments
+from utils.config import parse_stage_args, repo_path
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
-from utils.modeling import build_model, resolve_mixed_precision
+from utils.modeling import build_model
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples
-from utils.peft_utils import LoraArguments, apply_lora
+from utils.peft_utils import apply_lora
 from utils.tokenizer import load_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
@@ -75,18 +74,14 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, crash_args, training_args = parse_config(
-        (PretrainArguments, LoraArguments, CrashSafetyArguments, TrainingArguments), argv)
-    training_args.output_dir = repo_path(training_args.output_dir)
-    logger = setup_logging(training_args)
-    resolve_mixed_precision(training_args)
+    script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
+        PretrainArguments, TrainingArguments, argv)
 
     tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path))
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
 
     model = build_model(repo_path(script_args.model_config), repo_path(script_args.init_from),
-                        script_args.attn_implementation,
-                        training_args.seed)
+                        script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
     callbacks, guard = stage_callbacks(crash_args)

@@ -27,12 +27,11 @@ from trl import SFTConfig, SFTTrainer
 from utils.cache import build_or_load
 from utils.chat import (DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, add_system_prompt, fill_identity,
                         fit_to_length, select_turns)
-from utils.config import parse_config, repo_path, setup_logging
-from utils.crash_safety import CrashSafetyArguments
-from utils.data import SkipCounter, SkipRecord, files_fingerprint, iter_normalized, resolve_data_files
-from utils.modeling import build_model, resolve_mixed_precision
+from utils.config import parse_stage_args, repo_path
+from utils.data import SkipCounter, files_fingerprint, iter_normalized, resolve_data_files
+from utils.modeling import build_model
 from utils.packing import DocumentMaskCollator
-from utils.peft_utils import LoraArguments, apply_lora
+from utils.peft_utils import apply_lora
 from utils.tokenizer import load_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
@@ -108,11 +107,8 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, crash_args, training_args = parse_config(
-        (SFTScriptArguments, LoraArguments, CrashSafetyArguments, SFTConfig), argv)
-    training_args.output_dir = repo_path(training_args.output_dir)
-    logger = setup_logging(training_args)
-    resolve_mixed_precision(training_args)
+    script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
+        SFTScriptArguments, SFTConfig, argv)
     if training_args.max_length is None:
         raise ValueError("max_length must be set: over-long conversations are fitted to it before training")
 
@@ -123,8 +119,7 @@ def main(argv: list[str] | None = None):
     if training_args.padding_free and not training_args.packing:
         training_args.max_length = None
 
-    model = build_model(None, init_from, script_args.attn_implementation,
-                        training_args.seed)
+    model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
     callbacks, guard = stage_callbacks(crash_args)

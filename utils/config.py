@@ -44,3 +44,18 @@ def setup_logging(training_args) -> logging.Logger:
     logger = logging.getLogger("mini_qwen")
     logger.setLevel(level)
     return logger
+
+
+def parse_stage_args(script_arguments, trainer_config, argv: list[str] | None = None):
+    """What every stage starts with: its own arguments, LoRA, crash safety and the trainer's config from one YAML
+    plus CLI; output_dir anchored to the repo; rank-0 logging; bf16 falling back to fp16 where unsupported."""
+    from utils.crash_safety import CrashSafetyArguments
+    from utils.modeling import resolve_mixed_precision
+    from utils.peft_utils import LoraArguments
+
+    script_args, lora_args, crash_args, training_args = parse_config(
+        (script_arguments, LoraArguments, CrashSafetyArguments, trainer_config), argv)
+    training_args.output_dir = repo_path(training_args.output_dir)
+    logger = setup_logging(training_args)
+    resolve_mixed_precision(training_args)
+    return script_args, lora_args, crash_args, training_args, logger
