@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REFERENCE, SHARED
+from conftest import REFERENCE, REPO, SHARED
 from utils.data import DataError, load_records, resolve_data_files
 
 
@@ -44,7 +44,7 @@ def test_other_common_shapes_normalise(path, kind, count):
 
 def test_repo_mini_data_loads_with_the_same_code():
     for kind, minimum in (("pt", 100), ("sft", 100), ("dpo", 50)):
-        records, counts = load_records(f"mini_data/{kind}", kind)
+        records, counts = load_records(str(REPO / "mini_data" / kind), kind)
         assert len(records) >= minimum and not counts.skipped
 
 
