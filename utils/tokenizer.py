@@ -11,6 +11,7 @@ Either way the chat template is ours (utils/chat_template.jinja): ChatML turns w
 
 import base64
 import os
+import shutil
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -126,8 +127,10 @@ def _load(path: str | None) -> PreTrainedTokenizerBase:
         tokenizer = build_tokenizer_from_ranks()
         partial = cache.with_name(cache.name + f".tmp{os.getpid()}")
         tokenizer.save_pretrained(partial)
-        if not cache.exists():  # another process may have finished first
+        try:
             partial.rename(cache)
+        except OSError:  # another process (another rank) finished first: keep theirs
+            shutil.rmtree(partial, ignore_errors=True)
     return AutoTokenizer.from_pretrained(cache)
 
 
