@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None):
     model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
-    callbacks, guard = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"))
+    callbacks = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"))
     trainer = with_skip_samples(DPOTrainer, crash_args)(
         model=model,
         ref_model=None,  # TRL builds the frozen reference itself (or disables the adapters under LoRA)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    train_and_save(trainer, tokenizer, guard, "dpo")
+    train_and_save(trainer, tokenizer, "dpo")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None):
                         script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
-    callbacks, guard = stage_callbacks(crash_args)
+    callbacks = stage_callbacks(crash_args)
     trainer = with_skip_samples(Trainer, crash_args)(
         model=model,
         args=training_args,
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    train_and_save(trainer, tokenizer, guard, "pt")
+    train_and_save(trainer, tokenizer, "pt")
 
 
 if __name__ == "__main__":

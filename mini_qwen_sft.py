@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None):
     model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
-    callbacks, guard = stage_callbacks(crash_args)
+    callbacks = stage_callbacks(crash_args)
     trainer = with_skip_samples(SFTTrainer, crash_args)(
         model=model,
         args=training_args,
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None):
     )
     if training_args.packing or training_args.padding_free:
         trainer.data_collator = DocumentMaskCollator(trainer.data_collator, model.config._attn_implementation)
-    train_and_save(trainer, tokenizer, guard, "sft")
+    train_and_save(trainer, tokenizer, "sft")
 
 
 if __name__ == "__main__":

@@ -62,3 +62,18 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path):
     resumed_state = json.loads((tmp_path / "killed" / "trainer_state.json").read_text())
     assert resumed_state["global_step"] == full_state["global_step"] == 40
     assert abs(losses(tmp_path / "killed")[-1] - losses(tmp_path / "full")[-1]) < 1e-3
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_without_a_final_model(tmp_path):
+    process = subprocess.Popen(pt_command(tmp_path / "run", tmp_path / "cache", "--max_steps", "500",
+                                          "--save_steps", "1000"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until training is under way
+        if "'loss'" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1 and "stopped by SIGTERM" in stderr
+    (marker,) = (tmp_path / "run").glob(f"checkpoint-*/{COMPLETE_MARKER}")  # save_steps 1000: only SIGTERM saved
+    assert 0 < int(marker.parent.name.split("-")[1]) < 500
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -18,11 +18,16 @@ def with_skip_samples(trainer_class, crash_args: CrashSafetyArguments):
 
 
 def stage_callbacks(crash_args: CrashSafetyArguments, plot_keys=("loss", "grad_norm", "learning_rate")):
-    guard = AnomalyGuard(crash_args)
-    return [CheckpointCompleteCallback(), LossPlotCallback(plot_keys), SigtermCallback(), guard], guard
+    return [CheckpointCompleteCallback(), LossPlotCallback(plot_keys), SigtermCallback(), AnomalyGuard(crash_args)]
 
 
-def train_and_save(trainer, tokenizer, guard: AnomalyGuard, stage: str) -> None:
+def _callback(trainer, kind):
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
+
+
+def train_and_save(trainer, tokenizer, stage: str) -> None:
+    """Train (resuming as asked), then save the final model, unless the run was stopped early: then the last
+    checkpoint is what to resume from, and the process exits non-zero saying why."""
     args = trainer.args
     precision = "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32"
     if trainer.is_deepspeed_enabled:
@@ -31,10 +36,14 @@ def train_and_save(trainer, tokenizer, guard: AnomalyGuard, stage: str) -> None:
     else:
         logger.info("launch: %d process(es), no DeepSpeed, %s", args.world_size, precision)
     trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+    guard = _callback(trainer, AnomalyGuard)
     if guard.tripped:
         # The weights in memory took the bad step: they are not saved.
         raise SystemExit(f"{stage}: training stopped at step {guard.tripped['step']} ({guard.tripped['problem']}); "
                          f"see {args.output_dir}/anomaly.json for the checkpoint and --skip_samples to resume with")
+    if _callback(trainer, SigtermCallback).received:
+        raise SystemExit(f"{stage}: stopped by SIGTERM at step {trainer.state.global_step} after saving a checkpoint; "
+                         "continue with --resume_from_checkpoint auto")
     save_final_model(trainer, tokenizer, args.output_dir, stage)
 
 
