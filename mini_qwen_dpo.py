@@ -3,7 +3,8 @@
     # tiny CPU demo (from the demo SFT output)
     python demo/demo_dpo.py
     # one GPU
-    python mini_qwen_dpo.py --config configs/dpo.yaml --init_from results/sft/checkpoint-15461
+    python mini_qwen_dpo.py --config configs/dpo.yaml                     # from results/sft
+    python mini_qwen_dpo.py --config configs/dpo.yaml --init_from results/sft/checkpoint-N   # an earlier epoch
     # N GPUs, DeepSpeed ZeRO-2
     accelerate launch --config_file accelerate_config.yaml --num_processes 8 mini_qwen_dpo.py --config configs/dpo.yaml
     # reference log-probs computed once up front: no reference model in memory during training

@@ -62,7 +62,7 @@ demo() {
 all() {
   stage pt "$@"
   stage sft
-  stage dpo --init_from results/sft
+  stage dpo
   python mini_qwen_eval.py --model_path results/pt results/sft results/dpo --prompts default --output_dir results/eval
 }
 
