@@ -25,7 +25,7 @@ from utils.cache import build_or_load
 from utils.config import parse_stage_args, repo_path
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
 from utils.modeling import build_model
-from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples
+from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples, sample_features
 from utils.peft_utils import apply_lora
 from utils.tokenizer import load_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
@@ -59,13 +59,13 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
     files = resolve_data_files([repo_path(f) for f in script_args.data_files])
     key = {"files": files_fingerprint(files), "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer),
            "eos": tokenizer.eos_token_id, "block_size": script_args.block_size, "packing": script_args.packing,
-           "min_quality_score": script_args.min_quality_score, "version": 1}
+           "min_quality_score": script_args.min_quality_score, "version": 2}
     with training_args.main_process_first(desc="tokenize and pack"):
         dataset, report = build_or_load(
             repo_path(script_args.cache_dir), "pt", key,
             lambda report: pretraining_samples(files, tokenizer, script_args.block_size, script_args.packing,
                                                report, script_args.min_quality_score),
-            log=logger.info)
+            log=logger.info, features=sample_features(script_args.packing))
     logger.info(SkipCounter.from_dict(report["records"]).report(f"pretraining data ({len(files)} files)"))
     stats = PackingStats(**{k: v for k, v in report["packing"].items() if k != "padding_fraction"})
     logger.info(stats.report(script_args.packing, script_args.block_size))

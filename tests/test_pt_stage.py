@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from datasets import Dataset
+
 from conftest import REFERENCE, REPO, cpu_flags
 from utils.checkpoint import COMPLETE_MARKER, STAGE_FILE
 
@@ -58,6 +60,8 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume=auto: resuming from" in resumed.stdout
     assert "[cache] reusing preprocessed pt data" in resumed.stdout  # no second tokenization
+    (cached,) = cache.glob("pt-*/data.arrow")
+    assert str(Dataset.from_file(str(cached)).features["input_ids"].feature.dtype) == "int32"  # half of int64 on disk
     full_state = json.loads((tmp_path / "full" / "trainer_state.json").read_text())
     resumed_state = json.loads((tmp_path / "killed" / "trainer_state.json").read_text())
     assert resumed_state["global_step"] == full_state["global_step"] == 40

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 
 
@@ -23,10 +23,11 @@ def cache_key(key: dict) -> str:
 
 
 def build_or_load(
-    cache_root: str | Path, name: str, key: dict, generate: Callable[[dict], Iterator[dict]], log=print
+    cache_root: str | Path, name: str, key: dict, generate: Callable[[dict], Iterator[dict]], log=print,
+    features: Features | None = None,
 ) -> tuple[Dataset, dict]:
     """Return (dataset, report). `generate(report)` yields the rows and fills `report` (counts to print later);
-    it only runs when no finished cache exists for `key`."""
+    it only runs when no finished cache exists for `key`. `features` fixes the column types (else inferred)."""
     final = Path(cache_root) / f"{name}-{cache_key(key)}"
     if (final / "report.json").exists():
         log(f"[cache] reusing preprocessed {name} data from {final} (no tokenization needed)")
@@ -36,7 +37,7 @@ def build_or_load(
     partial.mkdir(parents=True)
     report: dict = {}
     rows = 0
-    with ArrowWriter(path=str(partial / "data.arrow"), writer_batch_size=1000) as writer:
+    with ArrowWriter(path=str(partial / "data.arrow"), features=features, writer_batch_size=1000) as writer:
         for row in generate(report):
             writer.write(row)
             rows += 1
