@@ -176,12 +176,12 @@ def step_benchmark(args) -> dict:
 
 def _prep_ours(files: list[str], block_size: int, cache_dir: str) -> int:
     from utils.cache import build_or_load
-    from utils.packing import pretraining_samples
+    from utils.packing import pretraining_samples, sample_features
     from utils.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     dataset, report = build_or_load(cache_dir, "bench", {"t": time.time()}, lambda report: pretraining_samples(
-        files, tokenizer, block_size, "concat", report), log=lambda *_: None)
+        files, tokenizer, block_size, "concat", report), log=lambda *_: None, features=sample_features("concat"))
     return report["packing"]["tokens_kept"]
 
 
