@@ -10,6 +10,8 @@
     bash run.sh pt --gpus 8 --bg
     # continued pretraining of a checkpoint with LoRA adapters (seed 004)
     python mini_qwen_pt.py --config configs/pt.yaml --init_from results/pt --use_peft --lora_r 64
+    # 16 GB-class GPU: bf16 weights, 8-bit AdamW with stochastic rounding, activation checkpointing
+    python mini_qwen_pt.py --config configs/pt_lean.yaml
     # resume after a crash: the newest complete checkpoint in output_dir
     python mini_qwen_pt.py --config configs/pt.yaml --resume_from_checkpoint auto
 
@@ -24,7 +26,7 @@ from transformers import Trainer, TrainingArguments
 from utils.cache import build_or_load
 from utils.config import parse_stage_args, repo_path
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
-from utils.modeling import build_model
+from utils.modeling import build_model, check_weight_precision
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples, sample_features
 from utils.peft_utils import apply_lora
 from utils.tokenizer import load_tokenizer
@@ -52,6 +54,9 @@ class PretrainArguments:
         "help": "tokenizer folder; default: models/Qwen2.5-0.5B-Instruct if downloaded, else the offline rebuild"})
     attn_implementation: str = field(default="auto", metadata={
         "help": "auto (flash_attention_2 if installed on an Ampere+ GPU, else sdpa) | sdpa | eager | flash_attention_2"})
+    weights_dtype: str = field(default="float32", metadata={
+        "help": "float32 (master weights, bf16 autocast) | bfloat16 (half the weight and gradient memory; only with "
+                "a stochastic-rounding optimizer, see configs/pt_lean.yaml)"})
 
 
 def prepare_dataset(script_args, tokenizer, training_args, logger):
@@ -76,12 +81,13 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 def main(argv: list[str] | None = None):
     script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
         PretrainArguments, TrainingArguments, argv)
+    check_weight_precision(script_args.weights_dtype, training_args)
 
     tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path))
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
 
     model = build_model(repo_path(script_args.model_config), repo_path(script_args.init_from),
-                        script_args.attn_implementation, training_args.seed)
+                        script_args.attn_implementation, training_args.seed, script_args.weights_dtype)
     model = apply_lora(model, lora_args, logger)
 
     callbacks = stage_callbacks(crash_args)

@@ -1,8 +1,9 @@
 """The offline tokenizer must be Qwen2.5's, id for id."""
 
+import pytest
 from transformers import AutoTokenizer
 
-from conftest import REFERENCE, REFERENCE_TOKENIZER
+from conftest import REFERENCE, REFERENCE_TOKENIZER, REPO
 from utils.tokenizer import ADDED_TOKENS, FIRST_ADDED_ID, build_tokenizer_from_ranks, load_tokenizer
 
 MIXED_TEXT = (
@@ -74,3 +75,43 @@ def test_chat_template_marks_assistant_replies_with_their_end_token():
     assert tokenizer.decode(marked) == "A1<|im_end|>A2<|im_end|>"
     text = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("parallelism", ["false", "true"])  # one thread, and a thread pool
+def test_pretraining_encoder_gives_the_tokenizers_ids_on_real_corpora(parallelism, monkeypatch):
+    """The fast (tiktoken) path must reproduce the tokenizer's own ids wherever pretraining text comes from."""
+    import pyarrow.parquet as pq
+
+    from conftest import SHARED
+    from utils.data import load_records
+    from utils.tokenizer import pretraining_encoder
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallelism)
+    tokenizer = load_tokenizer()
+    encode = pretraining_encoder(tokenizer)
+    assert encode.__name__ == "tiktoken_encode"  # the Qwen2.5 vocabulary gets the fast path
+    texts = [MIXED_TEXT, "", " ", "\n", "<|im_end|>"] + [r["text"] for r in load_records(
+        str(REFERENCE / "mini_data" / "pt"), "pt")[0]]
+    chinese_chat = pq.read_table(SHARED / "data" / "chatlm_mini_chinese" / "my_valid_dataset_1k.parquet")
+    texts += [str(v) for column in chinese_chat.columns for v in column.to_pylist()]
+    texts += [line for line in (REPO / "mini_data" / "heldout" / "heldout.txt").read_text().splitlines()]
+    assert sum(map(len, texts)) > 500_000
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = True
+    expected = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    assert encode(texts) == expected
+    assert encode(["<|im_end|>"])[0] != [tokenizer.eos_token_id]  # a special token's text stays text
+
+
+def test_pretraining_encoder_falls_back_to_the_tokenizer_for_another_vocabulary():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from utils.tokenizer import pretraining_encoder
+
+    words = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=words)
+    encode = pretraining_encoder(other)
+    assert encode.__name__ == "backend_encode"
+    assert encode(["hello world", "world other"]) == [[0, 1], [1, 2]]

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -221,8 +222,24 @@ def _prep_child(which: str, files: list[str], block_size: int, cache_dir: str) -
                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 
 
+def memory_cgroup(limit_mb: int) -> Path:
+    """A memory cgroup capped at `limit_mb` (Linux, root; cgroup v1 or v2): the kernel reclaims or, past the cap,
+    kills what runs in it, so a pipeline that finishes in it provably needed no more."""
+    name = f"mini_qwen_bench_{os.getpid()}"
+    for root, limit_file in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup", "memory.max")):
+        group = Path(root) / name
+        try:
+            group.mkdir(exist_ok=True)
+            (group / limit_file).write_text(str(limit_mb * 2**20))
+            return group
+        except OSError:
+            continue
+    raise SystemExit("--memory_limit_mb needs a writable memory cgroup (Linux, as root)")
+
+
 def data_prep_benchmark(args) -> list[dict]:
-    """Both pipelines on the same corpus (the mini corpus repeated --repeat times), each in a fresh process."""
+    """Both pipelines on the same corpus (the mini corpus repeated --repeat times), each in a fresh process. The
+    corpus is written uncompressed, so its size on disk is the size of its text."""
     import tempfile
 
     import pyarrow as pa
@@ -230,25 +247,36 @@ def data_prep_benchmark(args) -> list[dict]:
 
     from utils.data import resolve_data_files
 
-    work = Path(tempfile.mkdtemp(prefix="mini_qwen_bench_"))
+    work = Path(tempfile.mkdtemp(prefix="mini_qwen_bench_", dir=args.work_dir))
     texts = [pq.read_table(f, columns=["text"]).column("text") for f in resolve_data_files([repo_path(args.corpus)])]
     corpus = pa.table({"text": pa.chunked_array([c for c in texts for _ in range(args.repeat)])})
-    pq.write_table(corpus, work / "corpus.parquet")
+    pq.write_table(corpus, work / "corpus.parquet", compression="none", use_dictionary=False)
+    group = memory_cgroup(args.memory_limit_mb) if args.memory_limit_mb else None
     results = []
-    for which in ("ours", "original"):
-        output = subprocess.run([sys.executable, __file__, "_prep_child", which, str(work / "corpus.parquet"),
-                                 str(args.block_size), str(work / which)], capture_output=True, text=True, check=True)
+    for which in args.pipelines:
+        output = subprocess.run(
+            [sys.executable, __file__, "_prep_child", which, str(work / "corpus.parquet"), str(args.block_size),
+             str(work / which)], capture_output=True, text=True,
+            preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None)
+        if output.returncode:
+            raise SystemExit(f"{which} failed (exit {output.returncode}; -9 is the memory cap):\n{output.stderr[-3000:]}")
         result = json.loads(output.stdout.strip().splitlines()[-1])
         result.update(corpus_mb=round((work / "corpus.parquet").stat().st_size / 2**20, 1), documents=len(corpus),
-                      block_size=args.block_size, versions=versions(), date=time.strftime("%Y-%m-%d"))
+                      block_size=args.block_size, memory_limit_mb=args.memory_limit_mb, versions=versions(),
+                      date=time.strftime("%Y-%m-%d"))
         results.append(result)
+        shutil.rmtree(work / which, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    if group:
+        group.rmdir()
     return results
 
 
 def markdown_row(result: dict) -> str:
     if "pipeline" in result:
+        cap = f", cap {result['memory_limit_mb']} MB" if result["memory_limit_mb"] else ""
         return (f"| data_prep | {result['pipeline']} | {result['documents']} docs, {result['corpus_mb']} MB | "
-                f"{result['tokens_per_second']:,} tokens/s | peak RSS {result['peak_rss_mb']} MB |")
+                f"{result['tokens_per_second']:,} tokens/s | peak RSS {result['peak_rss_mb']} MB{cap} |")
     settings = ", ".join(f"{k}={v}" for k, v in result["settings"].items())
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
     return (f"| {result['stage']} | {result['recipe']} | {result['device']} | {result['tokens_per_second']:,} | "
@@ -281,6 +309,10 @@ def main(argv=None):
     prep.add_argument("--corpus", default="mini_data/pt")
     prep.add_argument("--repeat", type=int, default=20, help="times the corpus is repeated")
     prep.add_argument("--block_size", type=int, default=1024)
+    prep.add_argument("--pipelines", nargs="+", choices=["ours", "original"], default=["ours", "original"])
+    prep.add_argument("--memory_limit_mb", type=int, default=None,
+                      help="run each pipeline in a memory cgroup capped at this (Linux, root)")
+    prep.add_argument("--work_dir", default=None, help="where the corpus and caches go (default: the temp folder)")
     for command in (step, prep):
         command.add_argument("--output", default=None, help="append the JSON results to this file")
     args = parser.parse_args(argv)

@@ -53,6 +53,29 @@ def resolve_mixed_precision(training_args) -> None:
         training_args.bf16, training_args.fp16 = False, True
 
 
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# transformers' names for torchao's low-bit AdamW, which can round bf16 weights stochastically.
+STOCHASTIC_ROUNDING_OPTIMIZERS = ("adamw_torch_8bit", "adamw_torch_4bit")
+
+
+def check_weight_precision(weights_dtype: str, training_args) -> None:
+    """bf16 weights only with stochastic rounding. A plain AdamW step on a bf16 weight rounds to nearest, and an
+    update below half a bf16 step (about |w| * 2^-9) is lost every time; rounding up or down at random with the
+    right odds keeps it in expectation (torchao's low-bit AdamW with bf16_stochastic_round=True)."""
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {list(WEIGHT_DTYPES)}, got {weights_dtype!r}")
+    if weights_dtype == "float32":
+        return
+    options = dict(item.split("=", 1) for item in (training_args.optim_args or "").replace(" ", "").split(",") if item)
+    if training_args.optim not in STOCHASTIC_ROUNDING_OPTIMIZERS or options.get("bf16_stochastic_round", "").lower() \
+            not in ("true", "1"):
+        raise ValueError(
+            f"weights_dtype bfloat16 with optim {training_args.optim.value!r} and optim_args "
+            f"{training_args.optim_args!r} would round small updates away. Use --optim "
+            f"{'|'.join(STOCHASTIC_ROUNDING_OPTIMIZERS)} --optim_args bf16_stochastic_round=True "
+            f"(configs/pt_lean.yaml), or keep --weights_dtype float32")
+
+
 def load_model_config(path: str | Path) -> PretrainedConfig:
     path = Path(path)
     if path.is_file():
@@ -66,26 +89,30 @@ def load_model_config(path: str | Path) -> PretrainedConfig:
 
 
 def build_model(model_config: str | None, init_from: str | None, attn_implementation: str = "auto",
-                seed: int = 42) -> PreTrainedModel:
-    """A causal LM in float32: randomly initialised from `model_config`, or loaded from the checkpoint `init_from`.
+                seed: int = 42, weights_dtype: str = "float32") -> PreTrainedModel:
+    """A causal LM: randomly initialised from `model_config`, or loaded from the checkpoint `init_from`.
     The random init is seeded (the Trainer seeds only after the model exists), so a run can be repeated exactly.
 
-    Weights stay float32 (the optimizer's master copy) and bf16 comes from autocast: an AdamW update of lr 1e-5 or
-    5e-7 is far below a bf16 weight's resolution (about |w| * 2^-8) and would be rounded away.
+    Weights are float32 by default (the optimizer's master copy) and bf16 comes from autocast: an AdamW update of
+    lr 1e-5 or 5e-7 is far below a bf16 weight's resolution (about |w| * 2^-8) and would be rounded away.
+    bfloat16 weights halve weight and gradient memory and are only sound with stochastic rounding
+    (check_weight_precision).
     """
+    dtype = WEIGHT_DTYPES[weights_dtype]
     attention = pick_attention(attn_implementation)
     set_seed(seed)
     if init_from:
         if not (Path(init_from) / "config.json").is_file():
             raise FileNotFoundError(f"checkpoint not found: {init_from} (no config.json there)")
         check_model_config(AutoConfig.from_pretrained(init_from), init_from)
-        model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32, attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(init_from, dtype=dtype, attn_implementation=attention)
         source = init_from
     else:
         config = load_model_config(model_config)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
         source = f"{model_config} (random init)"
     model.generation_config = GenerationConfig(**GENERATION_DEFAULTS)
     parameters = sum(p.numel() for p in model.parameters())
-    logger.info("model: %s, %s parameters, attention=%s, weights float32", source, f"{parameters:,}", attention)
+    logger.info("model: %s, %s parameters, attention=%s, weights %s", source, f"{parameters:,}", attention,
+                weights_dtype)
     return model

@@ -29,12 +29,16 @@ def train_and_save(trainer, tokenizer, stage: str) -> None:
     """Train (resuming as asked), then save the final model, unless the run was stopped early: then the last
     checkpoint is what to resume from, and the process exits non-zero saying why."""
     args = trainer.args
-    precision = "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32"
+    weights = str(next(trainer.model.parameters()).dtype).replace("torch.", "")
+    precision = f"{weights} weights, " + ("bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else
+                                          "no autocast")
     if trainer.is_deepspeed_enabled:
         zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
         logger.info("launch: DeepSpeed ZeRO-%d on %d process(es), %s", zero_stage, args.world_size, precision)
     else:
-        logger.info("launch: %d process(es), no DeepSpeed, %s", args.world_size, precision)
+        optimizer, _ = trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
+        logger.info("launch: %d process(es), no DeepSpeed, %s, optimizer %s", args.world_size, precision,
+                    optimizer.__name__)
     trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
     guard = _callback(trainer, AnomalyGuard)
     if guard.tripped:

@@ -1,0 +1,62 @@
+"""The memory-lean pretraining preset: bf16 weights only with stochastic rounding, and the preset really trains."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import REFERENCE, REPO, cpu_flags
+
+
+def test_bf16_weights_without_stochastic_rounding_fail_before_any_work(tmp_path):
+    from mini_qwen_pt import main
+
+    with pytest.raises(ValueError, match="round small updates away"):
+        main(["--config", str(REPO / "configs" / "demo_pt.yaml"), *cpu_flags(tmp_path / "out", tmp_path / "cache"),
+              "--weights_dtype", "bfloat16", "--optim", "adamw_torch_8bit"])
+    assert not (tmp_path / "cache").exists()  # nothing was tokenized
+
+
+def test_stochastic_rounding_keeps_updates_that_plain_bf16_adamw_loses():
+    """Weights at 1.0 (bf16 step 2^-7) and a constant gradient: every AdamW update is lr = 1e-5 down. Round to
+    nearest never moves a weight; stochastic rounding moves the mean by the full amount."""
+    from torchao.optim import AdamW8bit
+
+    steps, lr = 30, 1e-5
+    plain = torch.nn.Parameter(torch.ones(64, 1024, dtype=torch.bfloat16))
+    rounded = torch.nn.Parameter(torch.ones(64, 1024, dtype=torch.bfloat16))
+    optimizers = [torch.optim.AdamW([plain], lr=lr, weight_decay=0.0),
+                  AdamW8bit([rounded], lr=lr, weight_decay=0.0, bf16_stochastic_round=True)]
+    torch.manual_seed(0)
+    for _ in range(steps):
+        for parameter, optimizer in zip((plain, rounded), optimizers):
+            parameter.grad = torch.ones_like(parameter)
+            optimizer.step()
+    assert bool((plain == 1).all())
+    drift = 1 - rounded.float().mean().item()
+    assert drift == pytest.approx(steps * lr, rel=0.15)
+
+
+def test_lean_preset_trains_with_bf16_weights_and_8bit_adamw(tmp_path, caplog):
+    from safetensors import safe_open
+
+    from mini_qwen_pt import main
+
+    out = tmp_path / "out"
+    logging.getLogger("mini_qwen").addHandler(caplog.handler)  # the stage's logger does not propagate
+    try:
+        main(["--config", str(REPO / "configs" / "pt_lean.yaml"), *cpu_flags(out, tmp_path / "cache"),
+              "--model_config", "models/mini_qwen_tiny", "--data_files", str(REFERENCE / "mini_data" / "pt"),
+              "--block_size", "64", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+              "--learning_rate", "3e-3", "--max_steps", "12", "--save_strategy", "no", "--attn_implementation", "sdpa"])
+    finally:
+        logging.getLogger("mini_qwen").removeHandler(caplog.handler)
+    launch = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("launch:"))
+    assert "bfloat16 weights" in launch and "optimizer AdamW8bit" in launch
+    state = json.loads((out / "trainer_state.json").read_text())
+    curve = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(curve) == 12 and all(loss == loss for loss in curve)
+    assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.3
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert weights.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
