@@ -14,8 +14,8 @@ def test_step_benchmark_reports_all_fields(flags, tmp_path):
                       "--seq_len", "32", "--steps", "2", "--warmup", "1", "--output", str(tmp_path / "r.jsonl")])
     assert result["tokens_per_second"] > 0 and result["step_seconds_median"] > 0
     assert result["parameters"] == 9_798_208 and result["peak_memory_gb"] > 0
-    assert {"attention", "weights", "micro_batch", "seq_len", "padding_free", "precompute_ref", "liger", "compile",
-            "activation_checkpointing", "fused_adamw"} <= set(result["settings"])
+    assert {"attention", "weights", "optimizer", "micro_batch", "seq_len", "padding_free", "precompute_ref", "liger",
+            "compile", "activation_checkpointing", "fused_adamw"} <= set(result["settings"])
     assert result["settings"]["weights"] == "float32"  # on CPU both recipes keep fp32
     assert {"torch", "transformers", "trl"} <= set(result["versions"])
     assert (tmp_path / "r.jsonl").read_text().count("\n") == 1
@@ -40,3 +40,28 @@ def test_data_prep_benchmark_compares_both_pipelines():
     assert ours["documents"] == original["documents"] == 200
     assert ours["tokens"] >= original["tokens"]  # the original drops a tail per 5,000-document map batch
     assert all(r["tokens_per_second"] > 0 and r["peak_rss_mb"] > 0 for r in results)
+
+
+def test_lean_recipe_reports_memory_by_kind():
+    (result,) = main(["step", "--recipe", "lean", "--model_config", "models/mini_qwen_tiny", "--micro_batch", "2",
+                      "--seq_len", "32", "--steps", "1", "--warmup", "1", "--track_memory"])
+    settings = result["settings"]
+    assert (settings["weights"], settings["optimizer"], settings["activation_checkpointing"]) == (
+        "bfloat16", "AdamW8bit", True)
+    memory = result["memory_breakdown_gb"]
+    bf16_bytes = round(result["parameters"] * 2 / 2**30, 3)
+    assert memory["weights"] == memory["gradients"] == bf16_bytes  # accumulating: the gradients are there
+    assert bf16_bytes <= memory["optimizer_state"] < 1.1 * bf16_bytes  # two 8-bit moments (+ block scales)
+    assert memory["total"] >= sum(memory[k] for k in ("weights", "gradients", "optimizer_state", "activations"))
+
+
+def test_data_prep_under_a_memory_cap():
+    from utils.benchmark import memory_cgroup
+
+    try:
+        memory_cgroup(1024).rmdir()
+    except SystemExit:
+        pytest.skip("no writable memory cgroup here (needs Linux and root)")
+    (ours,) = main(["data_prep", "--corpus", str(REFERENCE / "mini_data" / "pt"), "--repeat", "2",
+                    "--block_size", "128", "--pipelines", "ours", "--memory_limit_mb", "1024"])
+    assert ours["memory_limit_mb"] == 1024 and 0 < ours["peak_rss_mb"] <= 1024

@@ -13,6 +13,9 @@ separately by `data_prep`): forward with loss, backward, clip, AdamW step. Prese
 - `--recipe original`: bf16 weights updated in place by AdamW (the original's single-GPU numerics), sdpa or its
   flash-attention choice, micro-batch 12, block 1024, the full-logits loss.
 - `--recipe ours` (default): fp32 master weights, bf16 autocast, fused AdamW on GPU; every optimisation is a flag.
+- `--recipe lean` (configs/pt_lean.yaml): bf16 weights, torchao's 8-bit AdamW with stochastic rounding, activation
+  checkpointing. `--track_memory` adds the peak by kind (weights, gradients, optimizer state, activations), which
+  is exact on CPU too.
 
 MFU = achieved FLOP/s / peak FLOP/s of the device, with FLOPs per token = 6·N (N = all parameters, embeddings
 included, as the original's 18% figure used) + 12·L·H·S for attention (L layers, H hidden size, S sequence
@@ -97,23 +100,43 @@ def dpo_loss(model, reference, batch, beta: float = 0.1, reference_logps=None):
     return -torch.nn.functional.logsigmoid(beta * margin).mean()
 
 
+def memory_breakdown(model, optimizer, forward_backward) -> dict:
+    """Peak tensor memory of a forward + backward that accumulates into existing gradients, by kind, from torch's
+    MemTracker. It counts tensors, not a device allocator, so it works on CPU too: the 1B step's memory can be
+    predicted without a GPU. The optimizer step is left out (torchao's is compiled, which dispatch modes do not
+    allow); it works one parameter at a time, adding at most one parameter's temporaries."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    forward_backward()  # gradients exist, as in every micro-batch of gradient accumulation but the first
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        forward_backward()
+    (peak,) = tracker.get_tracker_snapshot("peak").values()
+    names = {"Parameter": "weights", "Gradient": "gradients", "Optstate": "optimizer_state",
+             "Activation": "activations", "Temp": "temporaries", "Total": "total"}
+    return {names[str(getattr(kind, "value", kind))]: round(size / 2**30, 3) for kind, size in peak.items()
+            if str(getattr(kind, "value", kind)) in names}
+
+
 def step_benchmark(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from utils.modeling import load_model_config, pick_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    original = args.recipe == "original"
+    original, lean = args.recipe == "original", args.recipe == "lean"
     config = load_model_config(repo_path(args.model_config))
     attention = pick_attention(args.attn_implementation)
-    weight_dtype = torch.bfloat16 if original and device == "cuda" else torch.float32
+    weight_dtype = torch.bfloat16 if lean or (original and device == "cuda") else torch.float32
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype, attn_implementation=attention).to(device)
     if args.liger and not original:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model)
-    if args.activation_checkpointing:
+    checkpointing = args.activation_checkpointing or lean
+    if checkpointing:
         model.gradient_checkpointing_enable()
     if args.compile:
         model = torch.compile(model)
@@ -122,10 +145,27 @@ def step_benchmark(args) -> dict:
         reference = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                                                      attn_implementation=attention).to(device).eval()
     parameters = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
-                                  fused=device == "cuda" and not original and args.fused_adamw)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=not original and device == "cuda")
+    if lean:  # configs/pt_lean.yaml's optimizer: 8-bit states, stochastic rounding onto the bf16 weights
+        from torchao.optim import AdamW8bit
+
+        optimizer = AdamW8bit(model.parameters(), lr=1e-5, weight_decay=0.1, bf16_stochastic_round=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
+                                      fused=device == "cuda" and not original and args.fused_adamw)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.recipe == "ours" and device == "cuda")
     generator = torch.Generator().manual_seed(0)
+
+    def forward_backward(batch):
+        with autocast:
+            if args.stage == "dpo":
+                half = batch["input_ids"].shape[0] // 2
+                precomputed = torch.zeros(2 * half, device=device) if args.precompute_ref else None
+                loss = dpo_loss(model, reference, {"input_ids": batch["input_ids"][: 2 * half]},
+                                reference_logps=precomputed)
+            else:
+                loss = model(**batch).loss
+        loss.backward()
+
     step_times, tokens = [], 0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -136,15 +176,7 @@ def step_benchmark(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with autocast:
-            if args.stage == "dpo":
-                half = batch["input_ids"].shape[0] // 2
-                precomputed = torch.zeros(2 * half, device=device) if args.precompute_ref else None
-                loss = dpo_loss(model, reference, {"input_ids": batch["input_ids"][: 2 * half]},
-                                reference_logps=precomputed)
-            else:
-                loss = model(**batch).loss
-        loss.backward()
+        forward_backward(batch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -158,7 +190,7 @@ def step_benchmark(args) -> dict:
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     peak = peak_flops(device_name) if device == "cuda" else None
     achieved = tokens_per_second * flops_per_token(config, parameters, args.seq_len)
-    return {
+    result = {
         "stage": args.stage, "recipe": args.recipe, "device": device_name, "parameters": parameters,
         "tokens_per_second": round(tokens_per_second, 1), "mfu": round(achieved / peak, 4) if peak else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else round(
@@ -166,13 +198,19 @@ def step_benchmark(args) -> dict:
         "step_seconds_median": round(statistics.median(step_times), 4),
         "step_seconds_spread": round(max(step_times) - min(step_times), 4),
         "settings": {"attention": attention, "weights": str(weight_dtype).replace("torch.", ""),
-                     "autocast": "bf16" if not original and device == "cuda" else "none",
-                     "micro_batch": args.micro_batch, "seq_len": args.seq_len, "padding_free": args.padding_free,
-                     "precompute_ref": args.precompute_ref, "liger": args.liger, "compile": args.compile,
-                     "activation_checkpointing": args.activation_checkpointing,
+                     "autocast": "bf16" if args.recipe == "ours" and device == "cuda" else "none",
+                     "optimizer": type(optimizer).__name__, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+                     "padding_free": args.padding_free, "precompute_ref": args.precompute_ref, "liger": args.liger,
+                     "compile": args.compile, "activation_checkpointing": checkpointing,
                      "fused_adamw": optimizer.defaults.get("fused"), "steps": args.steps},
         "versions": versions(), "date": time.strftime("%Y-%m-%d"),
     }
+    if args.track_memory:
+        batch = synthetic_batch(args.stage, args.micro_batch, args.seq_len, args.padding_free, generator)
+        batch.pop("real_tokens")
+        result["memory_breakdown_gb"] = memory_breakdown(
+            model, optimizer, lambda: forward_backward({k: v.to(device) for k, v in batch.items()}))
+    return result
 
 
 def _prep_ours(files: list[str], block_size: int, cache_dir: str) -> int:
@@ -248,27 +286,33 @@ def data_prep_benchmark(args) -> list[dict]:
     from utils.data import resolve_data_files
 
     work = Path(tempfile.mkdtemp(prefix="mini_qwen_bench_", dir=args.work_dir))
-    texts = [pq.read_table(f, columns=["text"]).column("text") for f in resolve_data_files([repo_path(args.corpus)])]
-    corpus = pa.table({"text": pa.chunked_array([c for c in texts for _ in range(args.repeat)])})
-    pq.write_table(corpus, work / "corpus.parquet", compression="none", use_dictionary=False)
+    base = pa.table({"text": pa.chunked_array([pq.read_table(f, columns=["text"]).column("text").cast(pa.string())
+                                               for f in resolve_data_files([repo_path(args.corpus)])])})
+    documents = base.num_rows * args.repeat
+    with pq.ParquetWriter(work / "corpus.parquet", base.schema, compression="none", use_dictionary=False) as writer:
+        for start in range(0, args.repeat, 100):  # row groups of 100 copies, written as they are made
+            writer.write_table(pa.concat_tables([base] * min(100, args.repeat - start)))
     group = memory_cgroup(args.memory_limit_mb) if args.memory_limit_mb else None
     results = []
-    for which in args.pipelines:
-        output = subprocess.run(
-            [sys.executable, __file__, "_prep_child", which, str(work / "corpus.parquet"), str(args.block_size),
-             str(work / which)], capture_output=True, text=True,
-            preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None)
-        if output.returncode:
-            raise SystemExit(f"{which} failed (exit {output.returncode}; -9 is the memory cap):\n{output.stderr[-3000:]}")
-        result = json.loads(output.stdout.strip().splitlines()[-1])
-        result.update(corpus_mb=round((work / "corpus.parquet").stat().st_size / 2**20, 1), documents=len(corpus),
-                      block_size=args.block_size, memory_limit_mb=args.memory_limit_mb, versions=versions(),
-                      date=time.strftime("%Y-%m-%d"))
-        results.append(result)
-        shutil.rmtree(work / which, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
-    if group:
-        group.rmdir()
+    try:
+        for which in args.pipelines:
+            output = subprocess.run(
+                [sys.executable, __file__, "_prep_child", which, str(work / "corpus.parquet"), str(args.block_size),
+                 str(work / which)], capture_output=True, text=True,
+                preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None)
+            if output.returncode:
+                raise SystemExit(f"{which} failed (exit {output.returncode}; -9 is the memory cap):\n"
+                                 f"{output.stderr[-3000:]}")
+            result = json.loads(output.stdout.strip().splitlines()[-1])
+            result.update(corpus_mb=round((work / "corpus.parquet").stat().st_size / 2**20, 1),
+                          documents=documents, block_size=args.block_size, memory_limit_mb=args.memory_limit_mb,
+                          versions=versions(), date=time.strftime("%Y-%m-%d"))
+            results.append(result)
+            shutil.rmtree(work / which, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if group:
+            group.rmdir()
     return results
 
 
@@ -292,7 +336,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     step = sub.add_parser("step", help="optimizer steps of a stage on the model")
     step.add_argument("--stage", choices=["pt", "sft", "dpo"], default="pt")
-    step.add_argument("--recipe", choices=["ours", "original"], default="ours")
+    step.add_argument("--recipe", choices=["ours", "original", "lean"], default="ours")
     step.add_argument("--model_config", default="models/mini_qwen_1b")
     step.add_argument("--attn_implementation", default="auto")
     step.add_argument("--micro_batch", type=int, default=12)
@@ -305,6 +349,8 @@ def main(argv=None):
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
     step.add_argument("--activation_checkpointing", action="store_true")
     step.add_argument("--no_fused_adamw", dest="fused_adamw", action="store_false")
+    step.add_argument("--track_memory", action="store_true",
+                      help="one more forward+backward under torch's MemTracker: peak memory by kind (works on CPU)")
     prep = sub.add_parser("data_prep", help="tokenize + pack throughput, ours vs. the original's")
     prep.add_argument("--corpus", default="mini_data/pt")
     prep.add_argument("--repeat", type=int, default=20, help="times the corpus is repeated")
