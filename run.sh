@@ -10,11 +10,12 @@
 # --gpus N  runs the stage under `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml);
 #           without it, plain `python` on one GPU (or the CPU).
 # --ddp     with --gpus: plain DDP (accelerate_config_ddp.yaml) instead of ZeRO-2, for 40-80 GB GPUs.
+# --lean    pretraining with configs/pt_lean.yaml (bf16 weights, 8-bit AdamW, checkpointing) for 16 GB GPUs.
 # --bg      runs under nohup, logging to logs/output_<stage>.log, and prints the log path and the pid.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 [[ $# -ge 1 ]] || usage 1
 command=$1
@@ -22,6 +23,7 @@ shift
 gpus=1
 background=0
 accelerate_config=accelerate_config.yaml
+pt_recipe=pt
 extra=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -29,6 +31,7 @@ while [[ $# -gt 0 ]]; do
     --gpus=*) gpus=${1#--gpus=}; shift ;;
     --bg) background=1; shift ;;
     --ddp) accelerate_config=accelerate_config_ddp.yaml; shift ;;
+    --lean) pt_recipe=pt_lean; shift ;;
     -h|--help) usage 0 ;;
     *) extra+=("$1"); shift ;;
   esac
@@ -44,10 +47,11 @@ launcher() {
 }
 
 stage() {  # stage NAME [flags...]: one training stage with its YAML recipe
-  local name=$1
+  local name=$1 recipe=$1
   shift
+  [[ $name == pt ]] && recipe=$pt_recipe
   # shellcheck disable=SC2046  # the launcher's words are meant to split
-  $(launcher) "mini_qwen_$name.py" --config "configs/$name.yaml" "$@"
+  $(launcher) "mini_qwen_$name.py" --config "configs/$recipe.yaml" "$@"
 }
 
 demo() {
@@ -79,9 +83,10 @@ if [[ $background -eq 1 ]]; then
   mkdir -p logs
   log="logs/output_$command.log"
   # Re-enter this script in the foreground under nohup, so a chain still runs its stages one after another.
-  ddp_flag=()
-  [[ $accelerate_config == accelerate_config_ddp.yaml ]] && ddp_flag=(--ddp)
-  nohup bash "$0" "$command" --gpus "$gpus" "${ddp_flag[@]}" "${extra[@]}" > "$log" 2>&1 &
+  flags=()
+  [[ $accelerate_config == accelerate_config_ddp.yaml ]] && flags+=(--ddp)
+  [[ $pt_recipe == pt_lean ]] && flags+=(--lean)
+  nohup bash "$0" "$command" --gpus "$gpus" "${flags[@]}" "${extra[@]}" > "$log" 2>&1 &
   echo "started '$command' in the background: pid $!, log $log (tail -f $log)"
 else
   # shellcheck disable=SC2086  # $target is a function name plus its stage argument

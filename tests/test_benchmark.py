@@ -65,3 +65,18 @@ def test_data_prep_under_a_memory_cap():
     (ours,) = main(["data_prep", "--corpus", str(REFERENCE / "mini_data" / "pt"), "--repeat", "2",
                     "--block_size", "128", "--pipelines", "ours", "--memory_limit_mb", "1024"])
     assert ours["memory_limit_mb"] == 1024 and 0 < ours["peak_rss_mb"] <= 1024
+
+
+def test_lean_curve_runs_the_pt_stage_twice_and_compares(tmp_path):
+    from pathlib import Path
+
+    (result,) = main(["lean_curve", "--max_steps", "4", "--window", "2", "--output_dir", str(tmp_path / "runs"),
+                      "--data_files", str(REFERENCE / "mini_data" / "pt"), "--block_size", "64",
+                      "--per_device_train_batch_size", "4", "--cache_dir", str(tmp_path / "cache"),
+                      "--dataloader_num_workers", "0", "--disable_tqdm", "true"])
+    assert result["steps"] == 4 and set(result["final_loss"]) == {"full", "lean"}
+    assert set(result["heldout_bits_per_byte"]) == {"full precision", "lean"}
+    assert 0 <= result["final_relative_gap"] <= result["max_relative_gap"] < 0.5
+    assert Path(result["figure"]).stat().st_size > 10_000
+    assert (tmp_path / "runs" / "lean" / "model.safetensors").exists()
+    assert (tmp_path / "runs" / "full_precision" / "model.safetensors").exists()

@@ -7,6 +7,8 @@
     python utils/benchmark.py step --stage dpo --precompute_ref            # vs. a reference forward every step
     # CPU: tokenize + pack throughput of our streaming pipeline vs. the original's datasets.map approach
     python utils/benchmark.py data_prep --corpus mini_data/pt --repeat 20
+    # the lean preset's loss curve against full precision (any PT flags after the options go to both runs)
+    python utils/benchmark.py lean_curve --config configs/demo_pt.yaml --max_steps 200
 
 The step benchmark drives the model and optimizer directly on synthetic token ids (the data pipeline is measured
 separately by `data_prep`): forward with loss, backward, clip, AdamW step. Presets:
@@ -316,7 +318,48 @@ def data_prep_benchmark(args) -> list[dict]:
     return results
 
 
+LEAN_FLAGS = ["--weights_dtype", "bfloat16", "--optim", "adamw_torch_8bit", "--optim_args",
+              "bf16_stochastic_round=True", "--activation_checkpointing", "true"]  # what configs/pt_lean.yaml changes
+
+
+def lean_curve_benchmark(args) -> dict:
+    """The same PT run twice, full precision and with the lean preset's numerics, and how far apart their loss
+    curves are: the largest relative gap between their `--window`-step means, and the final window's gap."""
+    from mini_qwen_pt import main as pretrain
+    from utils.ablation import heldout_bits_per_byte
+    from utils.plot_loss import plot_runs, read_log_history
+
+    output_dir = Path(repo_path(args.output_dir))
+    histories, curves, heldout = {}, {}, {}
+    for name, flags in (("full precision", []), ("lean", LEAN_FLAGS)):
+        run_dir = output_dir / name.replace(" ", "_")
+        pretrain(["--config", repo_path(args.config), "--output_dir", str(run_dir), "--max_steps", str(args.max_steps),
+                  "--logging_steps", "1", "--save_strategy", "no", "--resume_from_checkpoint", "", "--report_to",
+                  "none", *args.extra, *flags])
+        histories[name] = read_log_history(run_dir)
+        curves[name] = [e["loss"] for e in histories[name] if "loss" in e]
+        heldout[name] = round(heldout_bits_per_byte(run_dir, repo_path(args.heldout_text)), 4)
+    window = args.window
+
+    def means(curve):
+        return [statistics.mean(curve[i: i + window]) for i in range(0, len(curve) - window + 1, window)]
+
+    full, lean = means(curves["full precision"]), means(curves["lean"])
+    gaps = [abs(b - a) / a for a, b in zip(full, lean)]
+    figure = plot_runs(histories, output_dir / "lean_vs_full.png", ("loss",),
+                       title=f"lean preset vs full precision, {args.max_steps} steps")
+    return {"benchmark": "lean_curve", "config": args.config, "extra": args.extra, "steps": args.max_steps,
+            "window": window, "max_relative_gap": round(max(gaps), 4), "final_relative_gap": round(gaps[-1], 4),
+            "final_loss": {"full": round(full[-1], 4), "lean": round(lean[-1], 4)},
+            "heldout_bits_per_byte": heldout, "figure": str(figure), "versions": versions(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
 def markdown_row(result: dict) -> str:
+    if result.get("benchmark") == "lean_curve":
+        return (f"| lean_curve | {result['steps']} steps | max gap {result['max_relative_gap']:.2%} | final gap "
+                f"{result['final_relative_gap']:.2%} | final loss {result['final_loss']} | held-out bits/byte "
+                f"{result['heldout_bits_per_byte']} |")
     if "pipeline" in result:
         cap = f", cap {result['memory_limit_mb']} MB" if result["memory_limit_mb"] else ""
         return (f"| data_prep | {result['pipeline']} | {result['documents']} docs, {result['corpus_mb']} MB | "
@@ -359,11 +402,25 @@ def main(argv=None):
     prep.add_argument("--memory_limit_mb", type=int, default=None,
                       help="run each pipeline in a memory cgroup capped at this (Linux, root)")
     prep.add_argument("--work_dir", default=None, help="where the corpus and caches go (default: the temp folder)")
-    for command in (step, prep):
+    curve = sub.add_parser("lean_curve", help="loss curve of the lean preset vs full precision, same PT run")
+    curve.add_argument("--config", default="configs/demo_pt.yaml", help="the PT recipe both runs share")
+    curve.add_argument("--max_steps", type=int, default=200)
+    curve.add_argument("--window", type=int, default=10, help="steps per mean when comparing the curves")
+    curve.add_argument("--heldout_text", default="mini_data/heldout/heldout.txt")
+    curve.add_argument("--output_dir", default="results/lean_curve")
+    for command in (step, prep, curve):
         command.add_argument("--output", default=None, help="append the JSON results to this file")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "lean_curve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # lean_curve passes them on to both PT runs
 
-    results = [step_benchmark(args)] if args.command == "step" else data_prep_benchmark(args)
+    if args.command == "step":
+        results = [step_benchmark(args)]
+    elif args.command == "lean_curve":
+        results = [lean_curve_benchmark(args)]
+    else:
+        results = data_prep_benchmark(args)
     for result in results:
         print(json.dumps(result))
         print(markdown_row(result))
