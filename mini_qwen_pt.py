@@ -10,7 +10,7 @@
     bash run.sh pt --gpus 8 --bg
     # continued pretraining of a checkpoint with LoRA adapters (seed 004)
     python mini_qwen_pt.py --config configs/pt.yaml --init_from results/pt --use_peft --lora_r 64
-    # 16 GB-class GPU: bf16 weights, 8-bit AdamW with stochastic rounding, activation checkpointing
+    # 16 GB-class GPU: bf16 weights and AdamW moments, stochastic rounding, activation checkpointing
     python mini_qwen_pt.py --config configs/pt_lean.yaml
     # resume after a crash: the newest complete checkpoint in output_dir
     python mini_qwen_pt.py --config configs/pt.yaml --resume_from_checkpoint auto
@@ -26,7 +26,7 @@ from transformers import Trainer, TrainingArguments
 from utils.cache import build_or_load
 from utils.config import parse_stage_args, repo_path
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
-from utils.modeling import build_model, check_weight_precision
+from utils.modeling import build_model, check_weight_precision, stochastic_rounding_adamw
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples, sample_features
 from utils.peft_utils import apply_lora
 from utils.tokenizer import load_tokenizer
@@ -57,6 +57,9 @@ class PretrainArguments:
     weights_dtype: str = field(default="float32", metadata={
         "help": "float32 (master weights, bf16 autocast) | bfloat16 (half the weight and gradient memory; only with "
                 "a stochastic-rounding optimizer, see configs/pt_lean.yaml)"})
+    stochastic_rounding: bool = field(default=False, metadata={
+        "help": "with bf16 weights: torchao's AdamW with bf16 moments, rounding updates stochastically (replaces "
+                "--optim)"})
 
 
 def prepare_dataset(script_args, tokenizer, training_args, logger):
@@ -81,7 +84,7 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 def main(argv: list[str] | None = None):
     script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
         PretrainArguments, TrainingArguments, argv)
-    check_weight_precision(script_args.weights_dtype, training_args)
+    check_weight_precision(script_args.weights_dtype, script_args.stochastic_rounding, training_args)
 
     tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path))
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None):
         data_collator=PretrainCollator(tokenizer.pad_token_id, model.config._attn_implementation),
         processing_class=tokenizer,
         callbacks=callbacks,
+        optimizer_cls_and_kwargs=stochastic_rounding_adamw(training_args) if script_args.stochastic_rounding else None,
     )
     train_and_save(trainer, tokenizer, "pt")
 

@@ -42,16 +42,19 @@ def test_data_prep_benchmark_compares_both_pipelines():
     assert all(r["tokens_per_second"] > 0 and r["peak_rss_mb"] > 0 for r in results)
 
 
-def test_lean_recipe_reports_memory_by_kind():
-    (result,) = main(["step", "--recipe", "lean", "--model_config", "models/mini_qwen_tiny", "--micro_batch", "2",
-                      "--seq_len", "32", "--steps", "1", "--warmup", "1", "--track_memory"])
+@pytest.mark.parametrize("moments, state_bytes_per_parameter", [("bf16", 4), ("8bit", 2)])
+def test_lean_recipe_reports_memory_by_kind(moments, state_bytes_per_parameter):
+    (result,) = main(["step", "--recipe", "lean", "--lean_moments", moments, "--model_config", "models/mini_qwen_tiny",
+                      "--micro_batch", "2", "--seq_len", "32", "--steps", "1", "--warmup", "1", "--track_memory"])
     settings = result["settings"]
     assert (settings["weights"], settings["optimizer"], settings["activation_checkpointing"]) == (
-        "bfloat16", "AdamW8bit", True)
+        "bfloat16", "_AdamW" if moments == "bf16" else "AdamW8bit", True)
     memory = result["memory_breakdown_gb"]
     bf16_bytes = round(result["parameters"] * 2 / 2**30, 3)
     assert memory["weights"] == memory["gradients"] == bf16_bytes  # accumulating: the gradients are there
-    assert bf16_bytes <= memory["optimizer_state"] < 1.1 * bf16_bytes  # two 8-bit moments (+ block scales)
+    # two moments, in bf16 or in 8 bits (+ block scales)
+    expected_state = result["parameters"] * state_bytes_per_parameter / 2**30
+    assert expected_state <= memory["optimizer_state"] + 0.001 < 1.1 * expected_state + 0.001
     assert memory["total"] >= sum(memory[k] for k in ("weights", "gradients", "optimizer_state", "activations"))
 
 

@@ -75,10 +75,10 @@ def test_lean_recipe_differs_from_the_full_one_only_where_marked():
     lean_text = (REPO / "configs" / "pt_lean.yaml").read_text()
     lean = yaml.safe_load(lean_text)
     marked = {line.split(":")[0] for line in lean_text.splitlines() if line.rstrip().endswith("# lean")}
-    assert marked == {"weights_dtype", "optim", "optim_args", "per_device_train_batch_size",
+    assert marked == {"weights_dtype", "stochastic_rounding", "per_device_train_batch_size",
                       "gradient_accumulation_steps", "activation_checkpointing", "output_dir"}
     assert {k for k in full.keys() | lean.keys() if full.get(k) != lean.get(k)} == marked
     assert (full["per_device_train_batch_size"] * full["gradient_accumulation_steps"]
             == lean["per_device_train_batch_size"] * lean["gradient_accumulation_steps"])
     script, _, _, training = parse("pt", "pt_lean.yaml")
-    assert script.weights_dtype == "bfloat16" and training.optim == "adamw_torch_8bit"
+    assert script.weights_dtype == "bfloat16" and script.stochastic_rounding and training.activation_checkpointing

@@ -9,25 +9,33 @@ import torch
 from conftest import REFERENCE, REPO, cpu_flags
 
 
-def test_bf16_weights_without_stochastic_rounding_fail_before_any_work(tmp_path):
+@pytest.mark.parametrize("flags, error", [
+    (["--weights_dtype", "bfloat16"], "round small updates away"),
+    (["--weights_dtype", "bfloat16", "--optim", "adamw_torch_8bit"], "round small updates away"),
+    (["--stochastic_rounding", "true"], "rounds onto bf16 weights; weights_dtype is float32"),
+])
+def test_unsound_precision_settings_fail_before_any_work(flags, error, tmp_path):
     from mini_qwen_pt import main
 
-    with pytest.raises(ValueError, match="round small updates away"):
+    with pytest.raises(ValueError, match=error):
         main(["--config", str(REPO / "configs" / "demo_pt.yaml"), *cpu_flags(tmp_path / "out", tmp_path / "cache"),
-              "--weights_dtype", "bfloat16", "--optim", "adamw_torch_8bit"])
+              *flags])
     assert not (tmp_path / "cache").exists()  # nothing was tokenized
 
 
 def test_stochastic_rounding_keeps_updates_that_plain_bf16_adamw_loses():
     """Weights at 1.0 (bf16 step 2^-7) and a constant gradient: every AdamW update is lr = 1e-5 down. Round to
-    nearest never moves a weight; stochastic rounding moves the mean by the full amount."""
-    from torchao.optim import AdamW8bit
+    nearest never moves a weight; the lean preset's optimizer moves the mean by the full amount."""
+    from types import SimpleNamespace
+
+    from utils.modeling import stochastic_rounding_adamw
 
     steps, lr = 30, 1e-5
     plain = torch.nn.Parameter(torch.ones(64, 1024, dtype=torch.bfloat16))
     rounded = torch.nn.Parameter(torch.ones(64, 1024, dtype=torch.bfloat16))
-    optimizers = [torch.optim.AdamW([plain], lr=lr, weight_decay=0.0),
-                  AdamW8bit([rounded], lr=lr, weight_decay=0.0, bf16_stochastic_round=True)]
+    lean_cls, lean_kwargs = stochastic_rounding_adamw(SimpleNamespace(
+        learning_rate=lr, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0))
+    optimizers = [torch.optim.AdamW([plain], lr=lr, weight_decay=0.0), lean_cls([rounded], **lean_kwargs)]
     torch.manual_seed(0)
     for _ in range(steps):
         for parameter, optimizer in zip((plain, rounded), optimizers):
@@ -38,7 +46,12 @@ def test_stochastic_rounding_keeps_updates_that_plain_bf16_adamw_loses():
     assert drift == pytest.approx(steps * lr, rel=0.15)
 
 
-def test_lean_preset_trains_with_bf16_weights_and_8bit_adamw(tmp_path, caplog):
+@pytest.mark.parametrize("moments, flags", [
+    ("bf16", []),  # configs/pt_lean.yaml as shipped
+    ("8bit", ["--stochastic_rounding", "false", "--optim", "adamw_torch_8bit", "--optim_args",
+              "bf16_stochastic_round=True"]),  # its documented smaller variant
+])
+def test_lean_preset_trains_with_bf16_weights(moments, flags, tmp_path, caplog):
     from safetensors import safe_open
 
     from mini_qwen_pt import main
@@ -49,11 +62,13 @@ def test_lean_preset_trains_with_bf16_weights_and_8bit_adamw(tmp_path, caplog):
         main(["--config", str(REPO / "configs" / "pt_lean.yaml"), *cpu_flags(out, tmp_path / "cache"),
               "--model_config", "models/mini_qwen_tiny", "--data_files", str(REFERENCE / "mini_data" / "pt"),
               "--block_size", "64", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-              "--learning_rate", "3e-3", "--max_steps", "12", "--save_strategy", "no", "--attn_implementation", "sdpa"])
+              "--learning_rate", "3e-3", "--max_steps", "12", "--save_strategy", "no", "--attn_implementation", "sdpa",
+              *flags])
     finally:
         logging.getLogger("mini_qwen").removeHandler(caplog.handler)
     launch = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("launch:"))
-    assert "bfloat16 weights" in launch and "optimizer AdamW8bit" in launch
+    assert "bfloat16 weights" in launch
+    assert f"optimizer {'_AdamW' if moments == 'bf16' else 'AdamW8bit'}" in launch
     state = json.loads((out / "trainer_state.json").read_text())
     curve = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(curve) == 12 and all(loss == loss for loss in curve)

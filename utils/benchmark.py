@@ -15,9 +15,9 @@ separately by `data_prep`): forward with loss, backward, clip, AdamW step. Prese
 - `--recipe original`: bf16 weights updated in place by AdamW (the original's single-GPU numerics), sdpa or its
   flash-attention choice, micro-batch 12, block 1024, the full-logits loss.
 - `--recipe ours` (default): fp32 master weights, bf16 autocast, fused AdamW on GPU; every optimisation is a flag.
-- `--recipe lean` (configs/pt_lean.yaml): bf16 weights, torchao's 8-bit AdamW with stochastic rounding, activation
-  checkpointing. `--track_memory` adds the peak by kind (weights, gradients, optimizer state, activations), which
-  is exact on CPU too.
+- `--recipe lean` (configs/pt_lean.yaml): bf16 weights, torchao's AdamW with bf16 (or `--lean_moments 8bit`)
+  moments and stochastic rounding, activation checkpointing.
+`--track_memory` adds the peak by kind (weights, gradients, optimizer state, activations), exact on CPU too.
 
 MFU = achieved FLOP/s / peak FLOP/s of the device, with FLOPs per token = 6·N (N = all parameters, embeddings
 included, as the original's 18% figure used) + 12·L·H·S for attention (L layers, H hidden size, S sequence
@@ -147,10 +147,11 @@ def step_benchmark(args) -> dict:
         reference = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                                                      attn_implementation=attention).to(device).eval()
     parameters = sum(p.numel() for p in model.parameters())
-    if lean:  # configs/pt_lean.yaml's optimizer: 8-bit states, stochastic rounding onto the bf16 weights
-        from torchao.optim import AdamW8bit
+    if lean:  # configs/pt_lean.yaml's optimizer: bf16 (or 8-bit) moments, stochastic rounding onto bf16 weights
+        from torchao.optim import AdamW8bit, _AdamW
 
-        optimizer = AdamW8bit(model.parameters(), lr=1e-5, weight_decay=0.1, bf16_stochastic_round=True)
+        optimizer = (_AdamW if args.lean_moments == "bf16" else AdamW8bit)(
+            model.parameters(), lr=1e-5, weight_decay=0.1, bf16_stochastic_round=True)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
                                       fused=device == "cuda" and not original and args.fused_adamw)
@@ -318,8 +319,11 @@ def data_prep_benchmark(args) -> list[dict]:
     return results
 
 
-LEAN_FLAGS = ["--weights_dtype", "bfloat16", "--optim", "adamw_torch_8bit", "--optim_args",
-              "bf16_stochastic_round=True", "--activation_checkpointing", "true"]  # what configs/pt_lean.yaml changes
+LEAN_FLAGS = {  # the numerics configs/pt_lean.yaml changes, with bf16 or 8-bit AdamW moments
+    "bf16": ["--weights_dtype", "bfloat16", "--stochastic_rounding", "true", "--activation_checkpointing", "true"],
+    "8bit": ["--weights_dtype", "bfloat16", "--optim", "adamw_torch_8bit", "--optim_args", "bf16_stochastic_round=True",
+             "--activation_checkpointing", "true"],
+}
 
 
 def lean_curve_benchmark(args) -> dict:
@@ -331,7 +335,7 @@ def lean_curve_benchmark(args) -> dict:
 
     output_dir = Path(repo_path(args.output_dir))
     histories, curves, heldout = {}, {}, {}
-    for name, flags in (("full precision", []), ("lean", LEAN_FLAGS)):
+    for name, flags in (("full precision", []), ("lean", LEAN_FLAGS[args.lean_moments])):
         run_dir = output_dir / name.replace(" ", "_")
         pretrain(["--config", repo_path(args.config), "--output_dir", str(run_dir), "--max_steps", str(args.max_steps),
                   "--logging_steps", "1", "--save_strategy", "no", "--resume_from_checkpoint", "", "--report_to",
@@ -348,7 +352,8 @@ def lean_curve_benchmark(args) -> dict:
     gaps = [abs(b - a) / a for a, b in zip(full, lean)]
     figure = plot_runs(histories, output_dir / "lean_vs_full.png", ("loss",),
                        title=f"lean preset vs full precision, {args.max_steps} steps")
-    return {"benchmark": "lean_curve", "config": args.config, "extra": args.extra, "steps": args.max_steps,
+    return {"benchmark": "lean_curve", "config": args.config, "lean_moments": args.lean_moments, "extra": args.extra,
+            "steps": args.max_steps,
             "window": window, "max_relative_gap": round(max(gaps), 4), "final_relative_gap": round(gaps[-1], 4),
             "final_loss": {"full": round(full[-1], 4), "lean": round(lean[-1], 4)},
             "heldout_bits_per_byte": heldout, "figure": str(figure), "versions": versions(),
@@ -357,9 +362,9 @@ def lean_curve_benchmark(args) -> dict:
 
 def markdown_row(result: dict) -> str:
     if result.get("benchmark") == "lean_curve":
-        return (f"| lean_curve | {result['steps']} steps | max gap {result['max_relative_gap']:.2%} | final gap "
-                f"{result['final_relative_gap']:.2%} | final loss {result['final_loss']} | held-out bits/byte "
-                f"{result['heldout_bits_per_byte']} |")
+        return (f"| lean_curve | {result['lean_moments']} moments, {result['steps']} steps | max gap "
+                f"{result['max_relative_gap']:.2%} | final gap {result['final_relative_gap']:.2%} | final loss "
+                f"{result['final_loss']} | held-out bits/byte {result['heldout_bits_per_byte']} |")
     if "pipeline" in result:
         cap = f", cap {result['memory_limit_mb']} MB" if result["memory_limit_mb"] else ""
         return (f"| data_prep | {result['pipeline']} | {result['documents']} docs, {result['corpus_mb']} MB | "
@@ -392,6 +397,7 @@ def main(argv=None):
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
     step.add_argument("--activation_checkpointing", action="store_true")
     step.add_argument("--no_fused_adamw", dest="fused_adamw", action="store_false")
+    step.add_argument("--lean_moments", choices=["bf16", "8bit"], default="bf16", help="AdamW moments of --recipe lean")
     step.add_argument("--track_memory", action="store_true",
                       help="one more forward+backward under torch's MemTracker: peak memory by kind (works on CPU)")
     prep = sub.add_parser("data_prep", help="tokenize + pack throughput, ours vs. the original's")
@@ -406,6 +412,7 @@ def main(argv=None):
     curve.add_argument("--config", default="configs/demo_pt.yaml", help="the PT recipe both runs share")
     curve.add_argument("--max_steps", type=int, default=200)
     curve.add_argument("--window", type=int, default=10, help="steps per mean when comparing the curves")
+    curve.add_argument("--lean_moments", choices=["bf16", "8bit"], default="bf16")
     curve.add_argument("--heldout_text", default="mini_data/heldout/heldout.txt")
     curve.add_argument("--output_dir", default="results/lean_curve")
     for command in (step, prep, curve):

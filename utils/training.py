@@ -36,7 +36,7 @@ def train_and_save(trainer, tokenizer, stage: str) -> None:
         zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
         logger.info("launch: DeepSpeed ZeRO-%d on %d process(es), %s", zero_stage, args.world_size, precision)
     else:
-        optimizer, _ = trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
+        optimizer, _ = trainer.optimizer_cls_and_kwargs or trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
         logger.info("launch: %d process(es), no DeepSpeed, %s, optimizer %s", args.world_size, precision,
                     optimizer.__name__)
     trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
