@@ -67,7 +67,12 @@ def check_weight_precision(weights_dtype: str, stochastic_rounding: bool, traini
         raise ValueError(f"weights_dtype must be one of {list(WEIGHT_DTYPES)}, got {weights_dtype!r}")
     if stochastic_rounding and weights_dtype != "bfloat16":
         raise ValueError(f"stochastic_rounding rounds onto bf16 weights; weights_dtype is {weights_dtype}")
-    if weights_dtype == "float32" or stochastic_rounding:
+    if weights_dtype == "float32":
+        return
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"weights_dtype bfloat16 needs a GPU with bf16 (Ampere or newer), not "
+                         f"{torch.cuda.get_device_name()}; keep --weights_dtype float32")
+    if stochastic_rounding:
         return
     options = dict(item.split("=", 1) for item in (training_args.optim_args or "").replace(" ", "").split(",") if item)
     if training_args.optim not in STOCHASTIC_ROUNDING_OPTIMIZERS or options.get("bf16_stochastic_round", "").lower() \
