@@ -10,7 +10,7 @@
 # --gpus N  runs the stage under `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml);
 #           without it, plain `python` on one GPU (or the CPU).
 # --ddp     with --gpus: plain DDP (accelerate_config_ddp.yaml) instead of ZeRO-2, for 40-80 GB GPUs.
-# --lean    pretraining with configs/pt_lean.yaml (bf16 weights, 8-bit AdamW, checkpointing) for 16 GB GPUs.
+# --lean    pretraining with configs/pt_lean.yaml (bf16 weights and moments, checkpointing): one 16 GB GPU.
 # --bg      runs under nohup, logging to logs/output_<stage>.log, and prints the log path and the pid.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -13,6 +13,8 @@ from conftest import REFERENCE, REPO, cpu_flags
     (["--weights_dtype", "bfloat16"], "round small updates away"),
     (["--weights_dtype", "bfloat16", "--optim", "adamw_torch_8bit"], "round small updates away"),
     (["--stochastic_rounding", "true"], "rounds onto bf16 weights; weights_dtype is float32"),
+    (["--weights_dtype", "bfloat16", "--stochastic_rounding", "true", "--deepspeed", "configs/ds_zero2.json"],
+     "for one process without DeepSpeed"),
 ])
 def test_unsound_precision_settings_fail_before_any_work(flags, error, tmp_path):
     from mini_qwen_pt import main

@@ -69,6 +69,10 @@ def check_weight_precision(weights_dtype: str, stochastic_rounding: bool, traini
         raise ValueError(f"stochastic_rounding rounds onto bf16 weights; weights_dtype is {weights_dtype}")
     if weights_dtype == "float32":
         return
+    if training_args.deepspeed or training_args.world_size > 1:
+        # ZeRO keeps its own fp32 master weights; and under DDP each rank would round its own way.
+        raise ValueError("weights_dtype bfloat16 (the lean preset) is for one process without DeepSpeed; launch it "
+                         "with plain python, or use configs/pt.yaml on several GPUs")
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ValueError(f"weights_dtype bfloat16 needs a GPU with bf16 (Ampere or newer), not "
                          f"{torch.cuda.get_device_name()}; keep --weights_dtype float32")
