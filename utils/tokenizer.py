@@ -162,7 +162,7 @@ def pretraining_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[st
     """A function from a batch of documents to their token ids, with special-token strings encoded as text (a
     literal "<|im_end|>" in a web page is not a control token) and no special tokens added.
 
-    tiktoken runs the same byte-level BPE about 2x faster than the tokenizer's own Rust backend on one core
+    tiktoken runs the same byte-level BPE about 3x faster than the tokenizer's own Rust backend on one core
     (`python utils/benchmark.py data_prep`, docs/BENCHMARKS.md), so it is used when it reproduces the tokenizer's
     ids on a probe text; otherwise (another vocabulary, a tokenizer without NFC) the tokenizer's backend is used.
     """
