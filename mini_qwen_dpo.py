@@ -9,6 +9,8 @@
     accelerate launch --config_file accelerate_config.yaml --num_processes 8 mini_qwen_dpo.py --config configs/dpo.yaml
     # reference log-probs computed once up front: no reference model in memory during training
     python mini_qwen_dpo.py --config configs/dpo.yaml --precompute_ref_log_probs true
+    # prepare the data only (every core), e.g. before a multi-GPU launch
+    python mini_qwen_dpo.py --config configs/dpo.yaml --prepare_only
 
 Weights stay float32 under bf16 autocast: the original's lr 5e-7 updates on bf16 weights were rounded away.
 Pairs with identical answers, empty answers or a prompt over max_prompt_length are counted and left out.
@@ -18,51 +20,77 @@ Every YAML key is also a --flag.
 import sys
 from dataclasses import dataclass, field
 
+import utils  # noqa: F401  (first: it silences import-time noise, see utils/__init__.py)
+import pyarrow as pa
+from datasets import Features, List, Value
 from trl import DPOConfig, DPOTrainer
+from trl.data_utils import common_prefix_length
 
-from utils.cache import build_or_load
-from utils.chat import count_tokens
+from utils.chat import ChatTokens
 from utils.config import parse_stage_args, repo_path
-from utils.data import SkipCounter, SkipRecord, files_fingerprint, iter_normalized, resolve_data_files
+from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
+from utils.errors import run_main
 from utils.modeling import build_model
 from utils.peft_utils import apply_lora
-from utils.tokenizer import load_tokenizer
+from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare_or_load,
+                           tokenizer_fingerprint)
+from utils.tokenizer import load_stage_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
-class DPOScriptArguments:
+class DPOScriptArguments(DataArguments):
     data_files: list[str] = field(default_factory=lambda: ["mini_data/dpo"], metadata={
         "help": "preference files, folders or globs (Infinity-Preference, prompt/chosen/rejected strings, ShareGPT)"})
     init_from: str = field(default="results/sft", metadata={"help": "the SFT checkpoint to optimise"})
     tokenizer_path: str | None = field(default=None, metadata={"help": "default: the tokenizer saved with init_from"})
     max_prompt_length: int = field(default=512, metadata={"help": "pairs whose prompt is longer are left out"})
-    cache_dir: str = field(default="cache", metadata={"help": "where prepared pairs are kept for reuse"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2"})
 
 
-def preference_rows(files, tokenizer, max_prompt_length, report):
-    counter = SkipCounter()
+def preference_preparation(files, tokenizer, script_args, training_args, key) -> Preparation:
+    """Normalised pairs → prompt_ids / chosen_ids / rejected_ids, exactly as TRL's DPOTrainer tokenizes
+    conversational pairs (the prompt with the generation prompt; each answer from where the tokenized prompt and
+    prompt + answer diverge), each message tokenized once. Runs in the preparation workers."""
+    chat = ChatTokens(tokenizer)
 
-    def check(pair):
-        prompt_tokens = count_tokens(pair["prompt"], tokenizer)
-        if prompt_tokens > max_prompt_length:
-            raise SkipRecord(f"prompt longer than max_prompt_length={max_prompt_length}")
-        return pair
+    def shape(pair, stats):
+        prompt_bodies = [chat.body(m) for m in pair["prompt"]]
+        prompt_part = chat.encode_bodies(pair["prompt"], prompt_bodies)[0]
+        prompt_ids = prompt_part + chat.generation_prompt
+        if len(prompt_ids) > script_args.max_prompt_length:
+            raise SkipRecord(f"prompt longer than max_prompt_length={script_args.max_prompt_length}")
+        chosen = prompt_part + chat.encode_conversation(pair["chosen"])
+        rejected = prompt_part + chat.encode_conversation(pair["rejected"])
+        prompt_length = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
+        if training_args.max_length is not None and training_args.truncation_mode == "keep_start" \
+                and prompt_length >= training_args.max_length:
+            raise SkipRecord(f"prompt alone fills max_length={training_args.max_length}")
+        stats.tokens += len(chosen) + len(rejected) - prompt_length
+        return {"prompt_ids": prompt_ids[:prompt_length], "chosen_ids": chosen[prompt_length:],
+                "rejected_ids": rejected[prompt_length:]}
 
-    yield from iter_normalized(files, "dpo", counter, check)
-    report.update(records=counter.to_dict())
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    schema = pa.schema([(column, pa.list_(pa.int32())) for column in columns])
+    return Preparation("dpo", files, key, shape, schema, Features({c: List(Value("int32")) for c in columns}))
+
+
+class PreparedDPOTrainer(DPOTrainer):
+    """DPOTrainer on rows that utils.prepare tokenized as TRL would: TRL 1.16 has no switch to skip its own
+    tokenization, which would repeat the work on the main process while every other rank waits in a barrier."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
 
 
 def prepare_dataset(script_args, tokenizer, training_args, logger):
     files = resolve_data_files([repo_path(f) for f in script_args.data_files])
-    key = {"files": files_fingerprint(files), "vocab": len(tokenizer), "template": tokenizer.chat_template,
-           "max_prompt_length": script_args.max_prompt_length, "version": 1}
-    with training_args.main_process_first(desc="prepare preference pairs"):
-        dataset, report = build_or_load(
-            repo_path(script_args.cache_dir), "dpo", key,
-            lambda report: preference_rows(files, tokenizer, script_args.max_prompt_length, report),
-            log=logger.info)
+    key = {"files": files_fingerprint(files), "tokenizer": tokenizer_fingerprint(tokenizer),
+           "max_prompt_length": script_args.max_prompt_length, "max_length": training_args.max_length,
+           "truncation_mode": training_args.truncation_mode, "code": code_fingerprint("mini_qwen_dpo.py")}
+    dataset, report = prepare_or_load(preference_preparation(files, tokenizer, script_args, training_args, key),
+                                      repo_path(script_args.cache_dir), script_args.data_workers,
+                                      training_args.world_size, script_args.min_kept_fraction)
     logger.info(SkipCounter.from_dict(report["records"]).report(f"preference data ({len(files)} files)"))
     write_data_report(training_args, report)
     return dataset
@@ -73,14 +101,16 @@ def main(argv: list[str] | None = None):
         DPOScriptArguments, DPOConfig, argv)
 
     init_from = repo_path(script_args.init_from)
-    tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path) or init_from)
+    tokenizer = load_stage_tokenizer(repo_path(script_args.tokenizer_path), init_from, script_args.prepare_only)
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
+    if script_args.prepare_only:
+        return
 
     model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
     callbacks = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"))
-    trainer = with_skip_samples(DPOTrainer, crash_args)(
+    trainer = with_skip_samples(PreparedDPOTrainer, crash_args)(
         model=model,
         ref_model=None,  # TRL builds the frozen reference itself (or disables the adapters under LoRA)
         args=training_args,
@@ -92,4 +122,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

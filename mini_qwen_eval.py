@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from threading import Thread
 
+import utils  # noqa: F401  (first: it silences import-time noise, see utils/__init__.py)
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, TextIteratorStreamer
 

@@ -14,6 +14,8 @@
     python mini_qwen_pt.py --config configs/pt_lean.yaml
     # resume after a crash: the newest complete checkpoint in output_dir
     python mini_qwen_pt.py --config configs/pt.yaml --resume_from_checkpoint auto
+    # tokenize and pack only (every core; before a multi-GPU launch, or on a CPU machine before renting GPUs)
+    python mini_qwen_pt.py --config configs/pt.yaml --prepare_only
 
 Every key of the YAML is also a --flag (the flag wins), including every TrainingArguments field.
 """
@@ -21,21 +23,23 @@ Every key of the YAML is also a --flag (the flag wins), including every Training
 import sys
 from dataclasses import dataclass, field
 
+import utils  # noqa: F401  (first: it silences import-time noise, see utils/__init__.py)
 from transformers import Trainer, TrainingArguments
 
-from utils.cache import build_or_load
 from utils.config import parse_stage_args, repo_path
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
+from utils.errors import run_main
 from utils.modeling import build_model, check_weight_precision, stochastic_rounding_adamw
-from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_samples, sample_features
+from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_preparation
 from utils.peft_utils import apply_lora
+from utils.prepare import DataArguments, code_fingerprint, prepare_or_load, tokenizer_fingerprint
 from utils.tokenizer import load_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
-class PretrainArguments:
-    # data
+class PretrainArguments(DataArguments):
+    # data (and cache_dir, data_workers, prepare_only from DataArguments)
     data_files: list[str] = field(default_factory=lambda: ["mini_data/pt"], metadata={
         "help": "pretraining files, folders or globs (parquet/jsonl/json/txt with a `text` column)"})
     block_size: int = field(default=1024, metadata={"help": "tokens per training sample"})
@@ -44,7 +48,6 @@ class PretrainArguments:
                 "document; or one document per sample, padded"})
     min_quality_score: float | None = field(default=None, metadata={
         "help": "skip IndustryCorpus2 documents whose quality_score is below this"})
-    cache_dir: str = field(default="cache", metadata={"help": "where tokenized, packed data is kept for reuse"})
     # model
     model_config: str = field(default="models/mini_qwen_1b", metadata={
         "help": "config.json (or its folder) of the model to initialise randomly"})
@@ -63,17 +66,15 @@ class PretrainArguments:
 
 
 def prepare_dataset(script_args, tokenizer, training_args, logger):
-    """Tokenize and pack once (main process first); other ranks and reruns reuse the cached Arrow file."""
+    """Tokenize and pack once, with every core (utils.prepare); other ranks and reruns reuse the cached Arrow file."""
     files = resolve_data_files([repo_path(f) for f in script_args.data_files])
-    key = {"files": files_fingerprint(files), "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer),
-           "eos": tokenizer.eos_token_id, "block_size": script_args.block_size, "packing": script_args.packing,
-           "min_quality_score": script_args.min_quality_score, "version": 2}
-    with training_args.main_process_first(desc="tokenize and pack"):
-        dataset, report = build_or_load(
-            repo_path(script_args.cache_dir), "pt", key,
-            lambda report: pretraining_samples(files, tokenizer, script_args.block_size, script_args.packing,
-                                               report, script_args.min_quality_score),
-            log=logger.info, features=sample_features(script_args.packing))
+    key = {"files": files_fingerprint(files), "tokenizer": tokenizer_fingerprint(tokenizer),
+           "block_size": script_args.block_size, "packing": script_args.packing,
+           "min_quality_score": script_args.min_quality_score, "code": code_fingerprint()}
+    preparation = pretraining_preparation(files, tokenizer, script_args.block_size, script_args.packing,
+                                          script_args.min_quality_score, key)
+    dataset, report = prepare_or_load(preparation, repo_path(script_args.cache_dir), script_args.data_workers,
+                                      training_args.world_size, script_args.min_kept_fraction)
     logger.info(SkipCounter.from_dict(report["records"]).report(f"pretraining data ({len(files)} files)"))
     stats = PackingStats(**{k: v for k, v in report["packing"].items() if k != "padding_fraction"})
     logger.info(stats.report(script_args.packing, script_args.block_size))
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None):
 
     tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path))
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
+    if script_args.prepare_only:
+        return
 
     model = build_model(repo_path(script_args.model_config), repo_path(script_args.init_from),
                         script_args.attn_implementation, training_args.seed, script_args.weights_dtype)
@@ -107,4 +110,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

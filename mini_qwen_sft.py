@@ -11,6 +11,8 @@
     python mini_qwen_sft.py --config configs/sft.yaml --system_prompt_strategy mixed
     # faster: samples packed into rows without padding (attention kept inside each sample)
     python mini_qwen_sft.py --config configs/sft.yaml --packing true
+    # prepare the data only (every core), e.g. before a multi-GPU launch
+    python mini_qwen_sft.py --config configs/sft.yaml --prepare_only
 
 Loss masking uses the chat template's {% generation %} markers (TRL's assistant_only_loss): every assistant token,
 its <|im_end|> included, is trained; no system or user token is. Over-long samples lose their oldest turns first,
@@ -19,25 +21,31 @@ then the middle of their prompt, never their answer (counts are printed). Every 
 
 import random
 import sys
-from collections import Counter
+import zlib
 from dataclasses import dataclass, field
 
+import utils  # noqa: F401  (first: it silences import-time noise, see utils/__init__.py)
+import pyarrow as pa
+from datasets import Features, List, Value
 from trl import SFTConfig, SFTTrainer
+from trl.data_utils import pack_dataset
 
-from utils.cache import build_or_load
-from utils.chat import (DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, add_system_prompt, fill_identity,
-                        fit_to_length, select_turns)
+from utils.chat import (DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, ChatTokens, add_system_prompt,
+                        fill_identity, select_turns)
 from utils.config import parse_stage_args, repo_path
 from utils.data import SkipCounter, files_fingerprint, iter_normalized, resolve_data_files
+from utils.errors import run_main
 from utils.modeling import build_model
 from utils.packing import DocumentMaskCollator
 from utils.peft_utils import apply_lora
-from utils.tokenizer import load_tokenizer
+from utils.prepare import (DataArguments, Preparation, UnitStats, code_fingerprint, default_workers, prepare_or_load,
+                           tokenizer_fingerprint)
+from utils.tokenizer import load_stage_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
-class SFTScriptArguments:
+class SFTScriptArguments(DataArguments):
     data_files: list[str] = field(default_factory=lambda: ["mini_data/sft"], metadata={
         "help": "conversation files, folders or globs (Infinity-Instruct, ShareGPT, messages, alpaca, prompt/response)"})
     init_from: str = field(default="results/pt", metadata={"help": "the pretrained checkpoint to fine-tune"})
@@ -52,57 +60,66 @@ class SFTScriptArguments:
     identity_name: str = field(default="mini_qwen", metadata={"help": "fills {{name}} in the identity data"})
     identity_author: str = field(default="the mini_qwen authors", metadata={"help": "fills {{author}}"})
     identity_repeat: int = field(default=3, metadata={"help": "times the (small) identity set is repeated"})
-    cache_dir: str = field(default="cache", metadata={"help": "where prepared conversations are kept for reuse"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2"})
 
 
-def conversation_rows(files, tokenizer, script_args, max_length, seed, report):
-    """Normalised conversations → chosen turns → system prompt → fitted into max_length."""
-    counter = SkipCounter()
-    fitted = Counter()
-    rng = random.Random(seed)
+def conversation_preparation(files, tokenizer, script_args, training_args, key) -> Preparation:
+    """Normalised conversations → chosen turns → system prompt → fitted into max_length → input_ids and labels,
+    each message tokenized once (utils.chat.ChatTokens). Runs in the preparation workers; the identity set is
+    added at the end by the main process."""
+    chat = ChatTokens(tokenizer)
 
-    def shape(record):
+    def shape(record, stats):
         messages = select_turns(record["messages"], script_args.turns)
+        # One draw per conversation from its own seed, not a shared stream: any worker gives it the same prompt.
+        rng = random.Random(zlib.crc32(f"{training_args.seed}\0{messages[-1]['content']}".encode()))
         messages = add_system_prompt(messages, record["category"], script_args.system_prompt_strategy, rng,
                                      script_args.system_prompt)
-        messages, action = fit_to_length(messages, tokenizer, max_length)
-        fitted[action or "fits"] += 1
-        return {"messages": messages}
+        messages, bodies, action = chat.fit(messages, training_args.max_length)
+        input_ids, labels = chat.encode_bodies(messages, bodies, training_args.assistant_only_loss)
+        stats.tokens += len(input_ids)
+        stats.counts[action or "fits"] += 1
+        return {"input_ids": input_ids, "labels": labels}
 
-    yield from iter_normalized(files, "sft", counter, shape)
-    report.update(records=counter.to_dict(), fitting=dict(fitted))
-    if script_args.identity_file:
-        identity_counter = SkipCounter()
+    def identity_rows(report):
+        counter, stats = SkipCounter(), UnitStats()
         identity_files = resolve_data_files([repo_path(script_args.identity_file)])
         for _ in range(script_args.identity_repeat):
-            yield from iter_normalized(identity_files, "sft", identity_counter, lambda record: shape(
+            yield from iter_normalized(identity_files, "sft", counter, lambda record: shape(
                 {**record, "messages": fill_identity(record["messages"], script_args.identity_name,
-                                                     script_args.identity_author)}))
-        report.update(identity=identity_counter.to_dict())
+                                                     script_args.identity_author)}, stats))
+        report.update(identity=counter.to_dict())
+
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})
+    return Preparation("sft", files, key, shape, schema, features,
+                       extra_rows=identity_rows if script_args.identity_file else None)
 
 
 def prepare_dataset(script_args, tokenizer, training_args, logger):
     files = resolve_data_files([repo_path(f) for f in script_args.data_files])
-    key = {"files": files_fingerprint(files), "vocab": len(tokenizer), "template": tokenizer.chat_template,
-           "max_length": training_args.max_length, "turns": script_args.turns, "seed": training_args.seed,
+    key = {"files": files_fingerprint(files), "tokenizer": tokenizer_fingerprint(tokenizer),
+           "max_length": training_args.max_length, "assistant_only_loss": training_args.assistant_only_loss,
+           "turns": script_args.turns, "seed": training_args.seed,
            "system": [script_args.system_prompt_strategy, script_args.system_prompt],
            "identity": [script_args.identity_file and files_fingerprint([repo_path(script_args.identity_file)]),
                         script_args.identity_name, script_args.identity_author, script_args.identity_repeat],
-           "version": 1}
-    with training_args.main_process_first(desc="prepare conversations"):
-        dataset, report = build_or_load(
-            repo_path(script_args.cache_dir), "sft", key,
-            lambda report: conversation_rows(files, tokenizer, script_args, training_args.max_length,
-                                             training_args.seed, report),
-            log=logger.info)
+           "code": code_fingerprint("mini_qwen_sft.py")}
+    dataset, report = prepare_or_load(conversation_preparation(files, tokenizer, script_args, training_args, key),
+                                      repo_path(script_args.cache_dir), script_args.data_workers,
+                                      training_args.world_size, script_args.min_kept_fraction)
     logger.info(SkipCounter.from_dict(report["records"]).report(f"SFT data ({len(files)} files)"))
     if "identity" in report:
         logger.info(SkipCounter.from_dict(report["identity"]).report(
             f"identity data x{script_args.identity_repeat} ({script_args.identity_name}, {script_args.identity_author})"))
     logger.info("fitting into max_length=%d: %s", training_args.max_length,
-                ", ".join(f"{action}: {count}" for action, count in sorted(report["fitting"].items())))
+                ", ".join(f"{action}: {count}" for action, count in sorted(report["counts"].items())))
     write_data_report(training_args, report)
+    if training_args.packing:
+        # TRL's own packing (best-fit decreasing), run here rather than inside SFTTrainer so that `--prepare_only`
+        # leaves its result in the datasets cache beside the prepared file and launched ranks just load it.
+        dataset = pack_dataset(dataset, training_args.max_length, training_args.packing_strategy,
+                               {"num_proc": script_args.data_workers or default_workers()})
     return dataset
 
 
@@ -113,8 +130,14 @@ def main(argv: list[str] | None = None):
         raise ValueError("max_length must be set: over-long conversations are fitted to it before training")
 
     init_from = repo_path(script_args.init_from)
-    tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path) or init_from)
+    tokenizer = load_stage_tokenizer(repo_path(script_args.tokenizer_path), init_from, script_args.prepare_only)
     train_dataset = prepare_dataset(script_args, tokenizer, training_args, logger)
+    if script_args.prepare_only:
+        return
+    # The rows already hold input_ids and labels (assistant tokens only, as assistant_only_loss asked), fitted into
+    # max_length and packed when asked: TRL's own preparation would only tokenize them again, inside a barrier.
+    training_args.assistant_only_loss = False
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     # Every row already fits max_length; padding-free batches need it unset (TRL's rule).
     if training_args.padding_free and not training_args.packing:
         training_args.max_length = None
@@ -136,4 +159,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

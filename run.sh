@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # The mini_qwen pipeline, in order. Each stage starts only after the one it depends on has finished.
 #
-#   bash run.sh demo                          tiny CPU run: PT -> SFT -> DPO -> eval report (a few minutes)
+#   bash run.sh demo [--gpus N]               tiny CPU run: PT -> SFT -> DPO -> eval report (a few minutes)
 #   bash run.sh pt|sft|dpo [--gpus N] [--bg] [extra --flags for the stage]
 #   bash run.sh all [--gpus N] [--bg]         full recipe: PT -> SFT -> DPO -> eval report
 #   bash run.sh eval [mini_qwen_eval.py flags]
 #   bash run.sh ablation [utils/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
 #
-# --gpus N  runs the stage under `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml);
-#           without it, plain `python` on one GPU (or the CPU).
+# --gpus N  prepares the stage's data with every core (`--prepare_only`, one plain process), then trains under
+#           `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml); without it, plain
+#           `python` on one GPU (or the CPU), which prepares the data itself.
 # --ddp     with --gpus: plain DDP (accelerate_config_ddp.yaml) instead of ZeRO-2, for 40-80 GB GPUs.
 # --lean    pretraining with configs/pt_lean.yaml (bf16 weights and moments, checkpointing): one 16 GB GPU.
+# --demo    `all` and the stages with the demo recipes (configs/demo_*.yaml: mini_data, tiny model, CPU).
 # --bg      runs under nohup, logging to logs/output_<stage>.log, and prints the log path and the pid.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 [[ $# -ge 1 ]] || usage 1
 command=$1
@@ -24,6 +26,7 @@ gpus=1
 background=0
 accelerate_config=accelerate_config.yaml
 pt_recipe=pt
+recipe_prefix=
 extra=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -32,42 +35,46 @@ while [[ $# -gt 0 ]]; do
     --bg) background=1; shift ;;
     --ddp) accelerate_config=accelerate_config_ddp.yaml; shift ;;
     --lean) pt_recipe=pt_lean; shift ;;
+    --demo) recipe_prefix=demo_; shift ;;
     -h|--help) usage 0 ;;
     *) extra+=("$1"); shift ;;
   esac
 done
 [[ $gpus =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --gpus needs a positive number, got '$gpus'" >&2; exit 2; }
 
-launcher() {
+stage() {  # stage NAME [flags...]: one training stage with its YAML recipe
+  local name=$1 recipe=$recipe_prefix$1
+  shift
+  [[ $name == pt && -z $recipe_prefix ]] && recipe=$pt_recipe
+  local command=("mini_qwen_$name.py" --config "configs/$recipe.yaml" "$@")
   if [[ $gpus -gt 1 ]]; then
-    echo accelerate launch --config_file "$accelerate_config" --num_processes "$gpus"
+    # Data first, in one process with every core: the launched ranks then only memory-map it, and no rank waits
+    # in a collective while another prepares (NCCL would time out).
+    python "${command[@]}" --prepare_only
+    accelerate launch --config_file "$accelerate_config" --num_processes "$gpus" "${command[@]}"
   else
-    echo python
+    python "${command[@]}"
   fi
 }
 
-stage() {  # stage NAME [flags...]: one training stage with its YAML recipe
-  local name=$1 recipe=$1
+pipeline() {  # pipeline RESULTS_DIR [PT flags...]: PT -> SFT -> DPO -> eval, each stage after the one it needs
+  local results=$1
   shift
-  [[ $name == pt ]] && recipe=$pt_recipe
-  # shellcheck disable=SC2046  # the launcher's words are meant to split
-  $(launcher) "mini_qwen_$name.py" --config "configs/$recipe.yaml" "$@"
+  stage pt "$@"
+  stage sft
+  stage dpo
+  python mini_qwen_eval.py --model_path "$results/pt" "$results/sft" "$results/dpo" --prompts default \
+    --output_dir "$results/eval" ${recipe_prefix:+--max_new_tokens 48}
 }
 
 demo() {
-  python demo/demo_pt.py "$@"
-  python demo/demo_sft.py
-  python demo/demo_dpo.py
-  python mini_qwen_eval.py --model_path results/demo/pt results/demo/sft results/demo/dpo --prompts default \
-    --max_new_tokens 48 --output_dir results/demo/eval
+  recipe_prefix=demo_
+  pipeline results/demo "$@"
   echo "demo finished: checkpoints and loss.png in results/demo/{pt,sft,dpo}, report in results/demo/eval/report.md"
 }
 
 all() {
-  stage pt "$@"
-  stage sft
-  stage dpo
-  python mini_qwen_eval.py --model_path results/pt results/sft results/dpo --prompts default --output_dir results/eval
+  if [[ -n $recipe_prefix ]]; then demo "$@"; else pipeline results "$@"; fi
 }
 
 case $command in
@@ -86,6 +93,7 @@ if [[ $background -eq 1 ]]; then
   flags=()
   [[ $accelerate_config == accelerate_config_ddp.yaml ]] && flags+=(--ddp)
   [[ $pt_recipe == pt_lean ]] && flags+=(--lean)
+  [[ -n $recipe_prefix ]] && flags+=(--demo)
   nohup bash "$0" "$command" --gpus "$gpus" "${flags[@]}" "${extra[@]}" > "$log" 2>&1 &
   echo "started '$command' in the background: pid $!, log $log (tail -f $log)"
 else

@@ -7,6 +7,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from mini_qwen_pt import main  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 
 if __name__ == "__main__":
-    main(["--config", str(REPO_ROOT / "configs" / "demo_pt.yaml"), *sys.argv[1:]])
+    run_main(main, ["--config", str(REPO_ROOT / "configs" / "demo_pt.yaml"), *sys.argv[1:]])

@@ -1,5 +1,8 @@
-"""Shared test fixtures: paths to the real data in ../shared, the real tokenizer, and tiny trained checkpoints
-(PT -> SFT) made once per session through the real stage code."""
+"""Shared test fixtures: the real tokenizer, tiny trained checkpoints (PT -> SFT) made once per session through the
+real stage code on the repo's own mini_data, and the paths to the reference data in ../shared.
+
+A plain clone has no ../shared: the tests that need it are marked `needs_shared` and skip, saying so in the summary.
+CI has it, and runs with MINI_QWEN_REQUIRE_SHARED=1 (.ci/run), which turns its absence into an error instead."""
 
 import os
 import sys
@@ -13,6 +16,14 @@ SHARED = Path(os.environ.get("MINI_QWEN_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference" / "mini_qwen"
 REFERENCE_TOKENIZER = REFERENCE / "models" / "Qwen2.5-0.5B-Instruct"
 TINY_CONFIG = REPO / "models" / "mini_qwen_tiny"
+
+needs_shared = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"needs the reference data in {SHARED} (CI has it)")
+
+
+def pytest_configure(config):
+    if os.environ.get("MINI_QWEN_REQUIRE_SHARED") and not REFERENCE.is_dir():
+        raise pytest.UsageError(f"MINI_QWEN_REQUIRE_SHARED is set but {REFERENCE} is missing: the tests that read "
+                                "the reference data would all be skipped")
 
 
 def cpu_flags(output_dir, cache_dir) -> list[str]:
@@ -30,23 +41,23 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def pt_checkpoint(tmp_path_factory):
-    """A tiny model pretrained for a few steps on the original's real IndustryCorpus2 sample."""
+    """A tiny model pretrained for a few steps on the repo's IndustryCorpus2-shaped mini data."""
     from mini_qwen_pt import main
 
     root = tmp_path_factory.mktemp("pt")
     main(["--config", str(REPO / "configs" / "demo_pt.yaml"), *cpu_flags(root / "out", root / "cache"),
-          "--data_files", str(REFERENCE / "mini_data" / "pt"), "--block_size", "64",
+          "--data_files", str(REPO / "mini_data" / "pt"), "--block_size", "64",
           "--per_device_train_batch_size", "4", "--max_steps", "20", "--save_strategy", "no"])
     return root / "out"
 
 
 @pytest.fixture(scope="session")
 def sft_checkpoint(tmp_path_factory, pt_checkpoint):
-    """A tiny model fine-tuned for a few steps on the original's real Infinity-Instruct sample (7M + Gen)."""
+    """A tiny model fine-tuned for a few steps on the repo's Infinity-Instruct-shaped mini data (7M + Gen)."""
     from mini_qwen_sft import main
 
     root = tmp_path_factory.mktemp("sft")
     main(["--config", str(REPO / "configs" / "demo_sft.yaml"), *cpu_flags(root / "out", root / "cache"),
-          "--init_from", str(pt_checkpoint), "--data_files", str(REFERENCE / "mini_data" / "sft"),
+          "--init_from", str(pt_checkpoint), "--data_files", str(REPO / "mini_data" / "sft"),
           "--per_device_train_batch_size", "4", "--max_steps", "8", "--save_strategy", "no"])
     return root / "out"

@@ -2,16 +2,18 @@
 
 import json
 
-from conftest import REFERENCE
+from conftest import REFERENCE, REPO
 
 
 def test_ablation_runs_variants_and_writes_table_and_overlay(tmp_path):
     from utils.ablation import main
 
-    main(["--data_root", str(REFERENCE / "mini_data" / "pt"), "--runs", "pt1", "pt4", "--max_steps", "2",
+    # The original's logged curves are drawn beside ours where the reference data is there (CI; not a plain clone).
+    original_logs = REFERENCE / "logs" / "loss_curves_extracted.csv"
+    main(["--data_root", str(REPO / "mini_data" / "pt"), "--runs", "pt1", "pt4", "--max_steps", "2",
           "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--use_cpu", "true",
           "--disable_tqdm", "true", "--logging_steps", "1",
-          "--original_logs", str(REFERENCE / "logs" / "loss_curves_extracted.csv")])
+          *(["--original_logs", str(original_logs)] if original_logs.is_file() else [])])
     rows = json.loads((tmp_path / "ablation.json").read_text())
     assert [(r["run"], r["data"], r["packing"], r["steps"]) for r in rows] == [
         ("pt1", "zh", "none", 2), ("pt4", "zh+en", "document", 2)]
@@ -21,9 +23,9 @@ def test_ablation_runs_variants_and_writes_table_and_overlay(tmp_path):
         assert row["tokens_processed"] == 2 * 8 * 128  # 2 steps x batch 8 x block 128 (demo recipe)
         assert 0 < row["heldout_bits_per_byte"] < 30 and row["final_loss"] > 0
     # pt1 trains on the Chinese file only, pt4 on both languages.
-    assert json.loads((tmp_path / "pt1" / "data_report.json").read_text())["records"]["kept"] == 100
-    assert json.loads((tmp_path / "pt4" / "data_report.json").read_text())["records"]["kept"] == 200
+    assert json.loads((tmp_path / "pt1" / "data_report.json").read_text())["records"]["kept"] == 60
+    assert json.loads((tmp_path / "pt4" / "data_report.json").read_text())["records"]["kept"] == 120
     table = (tmp_path / "ablation.md").read_text().splitlines()
     assert table[0].startswith("| run | data | packing | steps") and len(table) == 4
     assert (tmp_path / "ablation_loss.png").stat().st_size > 10_000
-    assert (tmp_path / "original_loss.png").stat().st_size > 10_000
+    assert (tmp_path / "original_loss.png").is_file() == original_logs.is_file()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import REFERENCE
+from conftest import REPO
 from utils.benchmark import flops_per_token, main, peak_flops
 
 
@@ -33,7 +33,7 @@ def test_mfu_formula_and_peak_table():
 
 
 def test_data_prep_benchmark_compares_both_pipelines():
-    results = main(["data_prep", "--corpus", str(REFERENCE / "mini_data" / "pt"), "--repeat", "1",
+    results = main(["data_prep", "--corpus", str(REPO / "mini_data" / "pt"), "--repeat", "1",
                     "--block_size", "128"])
     assert [r["pipeline"] for r in results] == ["ours", "original"]
     ours, original = results
@@ -65,7 +65,7 @@ def test_data_prep_under_a_memory_cap():
         memory_cgroup(1024).rmdir()
     except SystemExit:
         pytest.skip("no writable memory cgroup here (needs Linux and root)")
-    (ours,) = main(["data_prep", "--corpus", str(REFERENCE / "mini_data" / "pt"), "--repeat", "2",
+    (ours,) = main(["data_prep", "--corpus", str(REPO / "mini_data" / "pt"), "--repeat", "2",
                     "--block_size", "128", "--pipelines", "ours", "--memory_limit_mb", "1024"])
     assert ours["memory_limit_mb"] == 1024 and 0 < ours["peak_rss_mb"] <= 1024
 
@@ -74,7 +74,7 @@ def test_lean_curve_runs_the_pt_stage_twice_and_compares(tmp_path):
     from pathlib import Path
 
     (result,) = main(["lean_curve", "--max_steps", "4", "--window", "2", "--output_dir", str(tmp_path / "runs"),
-                      "--data_files", str(REFERENCE / "mini_data" / "pt"), "--block_size", "64",
+                      "--data_files", str(REPO / "mini_data" / "pt"), "--block_size", "64",
                       "--per_device_train_batch_size", "4", "--cache_dir", str(tmp_path / "cache"),
                       "--dataloader_num_workers", "0", "--disable_tqdm", "true"])
     assert result["steps"] == 4 and set(result["final_loss"]) == {"full", "lean"}

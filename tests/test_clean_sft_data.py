@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import REFERENCE
+from conftest import REFERENCE, needs_shared
 from utils.clean_sft_data import (
     CODE_SPAN, RULES, CleaningOptions, NearDuplicateIndex, SftCleaner, collapse_repeated_punctuation,
     compile_filler_pattern, compile_sensitive_pattern, main, mask_sensitive, normalize_whitespace, read_word_list,
@@ -231,6 +231,7 @@ def test_cli_refuses_to_write_over_its_input(tmp_path):
     assert file_state(source) == before
 
 
+@needs_shared
 def test_cli_on_a_real_infinity_instruct_gen_file(tmp_path):
     before = file_state(GEN_FILE)
     output, report = tmp_path / "gen.jsonl", tmp_path / "gen.md"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mini_qwen_pt
-from conftest import REFERENCE, REPO, cpu_flags
+from conftest import REPO, cpu_flags
 from utils.crash_safety import AnomalyGuard, CrashSafetyArguments, parse_ranges
 from utils.data import load_records
 from utils.modeling import build_model
@@ -34,7 +34,7 @@ def poisoning_build_model(poison_id: int):
 
 
 def test_nan_guard_stops_and_skip_samples_resume_finishes(tmp_path, monkeypatch, tokenizer):
-    texts = [r["text"][:200] for r in load_records(str(REFERENCE / "mini_data" / "pt"), "pt")[0][:8]]
+    texts = [r["text"][:200] for r in load_records(str(REPO / "mini_data" / "pt"), "pt")[0][:8]]
     poison = "☠☠☠"
     poison_id = tokenizer(poison).input_ids[0]
     assert not any(poison_id in tokenizer(t).input_ids for t in texts)

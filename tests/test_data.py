@@ -6,10 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REFERENCE, REPO, SHARED
+from conftest import REFERENCE, REPO, SHARED, needs_shared
 from utils.data import DataError, load_records, resolve_data_files
 
 
+@needs_shared
 def test_original_mini_data_loads_for_all_three_stages():
     pt, pt_counts = load_records(str(REFERENCE / "mini_data" / "pt"), "pt")
     assert pt_counts.kept == len(pt) == 200 and not pt_counts.skipped
@@ -29,6 +30,7 @@ def test_original_mini_data_loads_for_all_three_stages():
     assert first["chosen"][0]["content"] != first["rejected"][0]["content"]
 
 
+@needs_shared
 @pytest.mark.parametrize("path, kind, count", [
     ("llamafactory/alpaca_zh_demo.json", "sft", 1000),
     ("fastchat/dummy_conversation.json", "sft", 500),

@@ -4,14 +4,14 @@ import json
 
 import pyarrow.parquet as pq
 
-from conftest import REFERENCE
+from conftest import REPO
 from utils.data import load_records
 
 
 def test_save_mini_data_samples_rows_and_keeps_the_schema(tmp_path):
     from utils.save_mini_data import main
 
-    source = REFERENCE / "mini_data" / "sft" / "7M"
+    source = REPO / "mini_data" / "sft" / "7M"
     main(["--source", str(source), "--target", str(tmp_path / "7M"), "--rows", "10", "--seed", "1"])
     written = pq.read_table(tmp_path / "7M" / "train-00000-of-00001.parquet")
     original = pq.read_table(next(source.glob("*.parquet")))
@@ -24,9 +24,10 @@ def test_save_mini_data_samples_rows_and_keeps_the_schema(tmp_path):
 def test_demo_view_data_prints_records_and_counts(capsys):
     from utils.demo_view_data import main
 
-    main([str(REFERENCE / "mini_data" / "dpo"), "--kind", "dpo", "-n", "1"])
+    main([str(REPO / "mini_data" / "dpo"), "--kind", "dpo", "-n", "1"])
     out = capsys.readouterr().out
-    assert '"chosen"' in out and "dpo data (2 files): kept 200 records, skipped 0" in out
+    pairs = len(load_records(str(REPO / "mini_data" / "dpo"), "dpo")[0])
+    assert '"chosen"' in out and f"dpo data (2 files): kept {pairs} records, skipped 0" in out
 
 
 def test_plot_loss_overlays_runs(tmp_path, capsys):

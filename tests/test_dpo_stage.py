@@ -6,14 +6,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REFERENCE, REPO, cpu_flags
+from conftest import REPO, cpu_flags
 
 
 def test_lr_5e7_moves_the_weights_and_the_reward_margin(sft_checkpoint, tmp_path):
     from mini_qwen_dpo import main
 
     main(["--config", str(REPO / "configs" / "demo_dpo.yaml"), *cpu_flags(tmp_path / "out", tmp_path / "cache"),
-          "--init_from", str(sft_checkpoint), "--data_files", str(REFERENCE / "mini_data" / "dpo"),
+          "--init_from", str(sft_checkpoint), "--data_files", str(REPO / "mini_data" / "dpo"),
           "--learning_rate", "5e-7", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
           "--per_device_train_batch_size", "2", "--max_length", "128", "--max_steps", "4", "--save_strategy", "no"])
 

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from conftest import REFERENCE, REPO, cpu_flags
+from conftest import REPO, cpu_flags
 
 
 @pytest.mark.parametrize("flags, error", [
@@ -62,7 +62,7 @@ def test_lean_preset_trains_with_bf16_weights(moments, flags, tmp_path, caplog):
     logging.getLogger("mini_qwen").addHandler(caplog.handler)  # the stage's logger does not propagate
     try:
         main(["--config", str(REPO / "configs" / "pt_lean.yaml"), *cpu_flags(out, tmp_path / "cache"),
-              "--model_config", "models/mini_qwen_tiny", "--data_files", str(REFERENCE / "mini_data" / "pt"),
+              "--model_config", "models/mini_qwen_tiny", "--data_files", str(REPO / "mini_data" / "pt"),
               "--block_size", "64", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
               "--learning_rate", "3e-3", "--max_steps", "12", "--save_strategy", "no", "--attn_implementation", "sdpa",
               *flags])

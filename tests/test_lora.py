@@ -5,7 +5,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REFERENCE, REPO, cpu_flags
+from conftest import REPO, cpu_flags
 from utils.peft_utils import main as peft_main
 
 
@@ -14,7 +14,7 @@ def test_lora_continued_pretraining_then_merge(pt_checkpoint, tmp_path):
 
     main(["--config", str(REPO / "configs" / "demo_pt.yaml"), *cpu_flags(tmp_path / "lora", tmp_path / "cache"),
           "--init_from", str(pt_checkpoint), "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
-          "--data_files", str(REFERENCE / "mini_data" / "pt" / "accommodation_catering_hotel" / "english"),
+          "--data_files", str(REPO / "mini_data" / "pt" / "accommodation_catering_hotel" / "english"),
           "--block_size", "64", "--per_device_train_batch_size", "2", "--max_steps", "4", "--save_strategy", "no"])
     adapter_config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and "q_proj" in adapter_config["target_modules"]

@@ -1,39 +1,70 @@
 """Packing modes keep every token they claim to; document mode isolates documents exactly."""
 
+import json
+
+import pyarrow as pa
 import pytest
 import torch
 
-from conftest import REFERENCE, TINY_CONFIG
-from utils.data import resolve_data_files
+from conftest import REPO, TINY_CONFIG
+from utils.data import load_records, resolve_data_files
 from utils.modeling import build_model
-from utils.packing import PackingStats, PretrainCollator, pack_documents, pretraining_samples
+from utils.packing import PackingStats, PretrainCollator, pack_documents, pretraining_preparation
+from utils.prepare import prepare_or_load
 
 EOS = 151645
 
 
+def prepared(tokenizer, files, mode, cache_dir, workers, block_size=64, unit_bytes=64 << 20):
+    preparation = pretraining_preparation(files, tokenizer, block_size, mode, None, {"mode": mode})
+    preparation.unit_bytes = unit_bytes
+    return prepare_or_load(preparation, str(cache_dir), workers, world_size=1)
+
+
 @pytest.mark.parametrize("mode", ["concat", "document", "none"])
-def test_every_token_is_kept_or_reported_dropped(tokenizer, mode):
-    files = resolve_data_files([str(REFERENCE / "mini_data" / "pt")])
-    report = {}
-    samples = list(pretraining_samples(files, tokenizer, 64, mode, report))
+def test_every_token_is_kept_or_reported_dropped(tokenizer, tmp_path, mode):
+    files = resolve_data_files([str(REPO / "mini_data" / "pt")])
+    dataset, report = prepared(tokenizer, files, mode, tmp_path, 1)
     stats = report["packing"]
-    assert stats["documents"] == 200
+    assert stats["documents"] == 120
     assert stats["tokens_in"] == stats["tokens_kept"] + stats["tokens_dropped"]
-    assert sum(len(s["input_ids"]) for s in samples) == stats["tokens_kept"]
-    assert len(samples) == stats["samples"]
+    assert sum(len(s) for s in dataset["input_ids"]) == stats["tokens_kept"]
+    assert len(dataset) == stats["samples"]
     if mode == "none":
-        assert stats["padding_tokens"] == 64 * len(samples) - stats["tokens_kept"]
+        assert stats["padding_tokens"] == 64 * len(dataset) - stats["tokens_kept"]
     else:
-        assert stats["tokens_dropped"] < 64  # only the final partial block, not a tail per batch
+        assert stats["tokens_dropped"] < 64  # only the final partial block, not a tail per batch or shard
         assert stats["padding_fraction"] == 0
 
 
-def test_concat_carries_remainders_across_tokenizer_batches(tokenizer):
-    files = resolve_data_files([str(REFERENCE / "mini_data" / "pt")])
-    big_batches, small_batches = {}, {}
-    a = list(pretraining_samples(files, tokenizer, 64, "concat", big_batches, tokenize_batch=1000))
-    b = list(pretraining_samples(files, tokenizer, 64, "concat", small_batches, tokenize_batch=7))
-    assert a == b and big_batches == small_batches
+@pytest.fixture
+def split_corpus(tmp_path):
+    """The repo's PT documents as one parquet file of 4 row groups and one jsonl file that 4 kB line ranges split
+    into many work units: shard boundaries fall inside blocks everywhere."""
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables(pq.read_table(f, columns=["text"]) for f in resolve_data_files(
+        [str(REPO / "mini_data" / "pt")]))
+    pq.write_table(table.slice(0, 60), tmp_path / "a.parquet", row_group_size=15)
+    with open(tmp_path / "b.jsonl", "w", encoding="utf-8") as handle:
+        for text in table.column("text").to_pylist()[60:]:
+            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return [str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl")]
+
+
+@pytest.mark.parametrize("mode", ["concat", "document", "none"])
+def test_two_workers_write_the_same_bytes_as_one(tokenizer, tmp_path, split_corpus, mode):
+    one, one_report = prepared(tokenizer, split_corpus, mode, tmp_path / "one", 1, unit_bytes=4096)
+    two, two_report = prepared(tokenizer, split_corpus, mode, tmp_path / "two", 2, unit_bytes=4096)
+    assert one_report["preparation"]["units"] == two_report["preparation"]["units"] > 10
+    assert one_report["packing"] == two_report["packing"] and one_report["records"] == two_report["records"]
+    ((one_file,), (two_file,)) = [list((tmp_path / name).glob("pt-*/data.arrow")) for name in ("one", "two")]
+    assert one_file.read_bytes() == two_file.read_bytes()
+    # And it is the packing of all documents in one stream: no token lost or moved at a shard boundary.
+    from utils.tokenizer import pretraining_encoder
+
+    texts = [r["text"] for r in load_records(split_corpus, "pt")[0]]
+    assert one.to_list() == pack_documents(pretraining_encoder(tokenizer)(texts), 64, mode, EOS)
 
 
 def test_document_positions_restart_at_each_boundary():

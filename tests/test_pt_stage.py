@@ -9,7 +9,7 @@ import time
 
 from datasets import Dataset
 
-from conftest import REFERENCE, REPO, cpu_flags
+from conftest import REPO, cpu_flags
 from utils.checkpoint import COMPLETE_MARKER, STAGE_FILE
 
 
@@ -34,7 +34,7 @@ def test_tiny_pretraining_loss_falls_and_outputs_load_anywhere(pt_checkpoint):
 
 def pt_command(output_dir, cache_dir, *extra) -> list[str]:
     return [sys.executable, str(REPO / "mini_qwen_pt.py"), "--config", str(REPO / "configs" / "demo_pt.yaml"),
-            *cpu_flags(output_dir, cache_dir), "--data_files", str(REFERENCE / "mini_data" / "pt"),
+            *cpu_flags(output_dir, cache_dir), "--data_files", str(REPO / "mini_data" / "pt"),
             "--block_size", "64", "--per_device_train_batch_size", "4", "--max_steps", "40",
             "--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "2", *extra]
 
@@ -43,7 +43,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path):
     cache = tmp_path / "cache"
     reference_run = subprocess.run(pt_command(tmp_path / "full", cache), capture_output=True, text=True)
     assert reference_run.returncode == 0, reference_run.stderr[-3000:]
-    assert "[cache] preprocessed pt data written" in reference_run.stdout
+    assert "[cache] prepared pt data written" in reference_run.stdout
 
     interrupted = subprocess.Popen(pt_command(tmp_path / "killed", cache), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
@@ -59,7 +59,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path):
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume=auto: resuming from" in resumed.stdout
-    assert "[cache] reusing preprocessed pt data" in resumed.stdout  # no second tokenization
+    assert "[cache] reusing prepared pt data" in resumed.stdout  # no second tokenization
     (cached,) = cache.glob("pt-*/data.arrow")
     assert str(Dataset.from_file(str(cached)).features["input_ids"].feature.dtype) == "int32"  # half of int64 on disk
     full_state = json.loads((tmp_path / "full" / "trainer_state.json").read_text())

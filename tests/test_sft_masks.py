@@ -2,15 +2,17 @@
 and over-long conversations are fitted without losing their answer."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from conftest import TINY_CONFIG
-from utils.chat import add_system_prompt, count_tokens, fit_to_length, select_turns
-from utils.data import SkipRecord
+from conftest import REFERENCE, REPO, TINY_CONFIG
+from utils.chat import ChatTokens, add_system_prompt, select_turns
+from utils.data import SkipRecord, load_records
 from utils.modeling import build_model
+from utils.prepare import UnitStats
 
 SYSTEM = {"role": "system", "content": "你是一个乐于助人的助手。"}
 CASES = {
@@ -25,12 +27,30 @@ CASES = {
 }
 
 
+def stage_args(tmp_path, **overrides) -> SFTConfig:
+    settings = dict(output_dir=str(tmp_path), assistant_only_loss=True, max_length=512, use_cpu=True, bf16=False,
+                    report_to="none", per_device_train_batch_size=1, activation_checkpointing=False)
+    return SFTConfig(**(settings | overrides))
+
+
+def stage_rows(tokenizer, conversations, training_args, category="", **script_overrides) -> list[dict]:
+    """Rows as the SFT stage's preparation workers make them."""
+    from mini_qwen_sft import conversation_preparation
+
+    script_args = SimpleNamespace(**({"turns": "all", "system_prompt_strategy": "none", "system_prompt": "",
+                                      "identity_file": None} | script_overrides))
+    preparation = conversation_preparation([], tokenizer, script_args, training_args, {})
+    return [preparation.shape({"messages": c, "category": category}, UnitStats()) for c in conversations]
+
+
 def trained_batch(tokenizer, conversations, tmp_path):
-    """The batch TRL's SFTTrainer really feeds the model, built through the stage's own settings."""
-    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=512, use_cpu=True, bf16=False,
-                     report_to="none", per_device_train_batch_size=len(conversations), activation_checkpointing=False)
+    """The batch the SFT stage really feeds the model: its prepared rows through SFTTrainer as the stage sets it up
+    (its own labels, TRL's preparation skipped)."""
+    args = stage_args(tmp_path, per_device_train_batch_size=len(conversations))
+    rows = stage_rows(tokenizer, conversations, args)
+    args.assistant_only_loss, args.dataset_kwargs = False, {"skip_prepare_dataset": True}
     trainer = SFTTrainer(model=build_model(str(TINY_CONFIG), None, "sdpa"), args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"messages": c} for c in conversations]))
+                         train_dataset=Dataset.from_list(rows))
     return next(iter(trainer.get_train_dataloader()))
 
 
@@ -68,44 +88,81 @@ def test_mixed_system_prompts_are_half_default_half_by_category():
     assert add_system_prompt([SYSTEM] + CASES["single turn"], "x", "uniform", rng, "DEFAULT")[0] == SYSTEM
 
 
+def test_chat_tokens_equal_the_chat_template_ids_and_assistant_mask(tokenizer):
+    """The stage tokenizes message by message; it must give exactly what rendering the template and tokenizing
+    the text gives, ids and assistant mask, on real conversations and on whitespace that merges across pieces."""
+    sources = [REPO / "mini_data" / "sft", REPO / "mini_data" / "identity"]
+    sources += [REFERENCE / "mini_data" / "sft"] if REFERENCE.is_dir() else []
+    conversations = [r["messages"] for r in load_records([str(p) for p in sources], "sft")[0]]
+    conversations += [CASES["answer starts with a newline"],
+                      [{"role": "user", "content": "\n\n hi"}, {"role": "assistant", "content": "  spaced\n"}],
+                      [{"role": "system", "content": " s"}, {"role": "user", "content": "\tq"},
+                       {"role": "assistant", "content": "\r\nA"}]]
+    assert len(conversations) > 100
+    chat = ChatTokens(tokenizer)
+    for messages in conversations:
+        expected = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        ids, labels = chat.encode_bodies(messages, [chat.body(m) for m in messages])
+        assert ids == expected["input_ids"]
+        assert labels == [i if m else -100 for i, m in zip(expected["input_ids"], expected["assistant_masks"])]
+
+
 def test_overlong_history_loses_oldest_turns_first(tokenizer):
     long_turn = "很长的历史对话。" * 40
     messages = [{"role": "user", "content": long_turn}, {"role": "assistant", "content": long_turn},
                 {"role": "user", "content": "最后的问题？"}, {"role": "assistant", "content": "最后的回答。"}]
-    fitted, action = fit_to_length(messages, tokenizer, 128)
+    fitted, bodies, action = ChatTokens(tokenizer).fit(messages, 128)
     assert action == "dropped oldest turns" and fitted == messages[2:]
 
 
-def test_overlong_prompt_is_shortened_never_the_answer(tokenizer):
+def test_overlong_prompt_is_shortened_in_the_middle_to_exactly_max_length_never_the_answer(tokenizer):
     answer = "The answer keeps every one of its words."
     messages = [{"role": "user", "content": "Summarise this. " + "word " * 600 + "What is the gist?"},
                 {"role": "assistant", "content": answer}]
-    fitted, action = fit_to_length(messages, tokenizer, 128)
-    assert action == "prompt shortened"
-    assert count_tokens(fitted, tokenizer) <= 128
-    assert fitted[-1]["content"] == answer
-    assert fitted[0]["content"].startswith("Summarise this.") and fitted[0]["content"].endswith("What is the gist?")
+    chat = ChatTokens(tokenizer)
+    fitted, bodies, action = chat.fit(messages, 128)
+    ids, labels = chat.encode_bodies(fitted, bodies)
+    assert action == "prompt shortened" and len(ids) == 128
+    assert tokenizer.decode([i for i in labels if i != -100]) == answer + "<|im_end|>"
+    prompt = tokenizer.decode(ids[: ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"))])
+    assert prompt.startswith("<|im_start|>user\nSummarise this.") and prompt.endswith("What is the gist?")
+    assert "\n…\n" in prompt
 
 
 def test_answer_longer_than_max_length_is_skipped_with_a_reason(tokenizer):
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "long answer " * 200}]
     with pytest.raises(SkipRecord, match="answer alone is longer than max_length"):
-        fit_to_length(messages, tokenizer, 128)
+        ChatTokens(tokenizer).fit(messages, 128)
+
+
+def test_mixed_system_prompts_are_drawn_per_conversation_the_same_in_any_worker(tokenizer, tmp_path):
+    conversations = [[{"role": "user", "content": f"问题 {i}"}, {"role": "assistant", "content": f"回答 {i}"}]
+                     for i in range(200)]
+    args = stage_args(tmp_path)
+    settings = dict(category="mathematical ability", system_prompt_strategy="mixed", system_prompt="DEFAULT")
+    first = stage_rows(tokenizer, conversations, args, **settings)
+    again = stage_rows(tokenizer, list(reversed(conversations)), args, **settings)
+    assert first == list(reversed(again))  # a conversation's draw depends on itself, not on what came before
+    prompts = [tokenizer.decode(row["input_ids"]).split("<|im_end|>")[0] for row in first]
+    default = sum(p == "<|im_start|>system\nDEFAULT" for p in prompts)
+    by_category = sum("mathematics tutor" in p for p in prompts)
+    assert 60 < default < 140 and default + by_category == 200
 
 
 def test_packed_rows_keep_each_sample_to_itself(tokenizer, tmp_path):
-    """`packing: true` puts several conversations in one row; with sdpa the stage's DocumentMaskCollator must
-    make each one's logits equal to the same conversation alone."""
+    """`packing: true` puts several conversations in one row (TRL's pack_dataset, as the stage calls it); with sdpa
+    the stage's DocumentMaskCollator must make each one's logits equal to the same conversation alone."""
     import torch
+    from trl.data_utils import pack_dataset
 
     from utils.packing import DocumentMaskCollator
 
     conversations = [CASES["single turn"], CASES["with system prompt"], CASES["answer starts with a newline"]]
-    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, packing=True, max_length=512, use_cpu=True,
-                     bf16=False, report_to="none", per_device_train_batch_size=1, activation_checkpointing=False)
+    args = stage_args(tmp_path, packing=True)
+    packed_rows = pack_dataset(Dataset.from_list(stage_rows(tokenizer, conversations, args)), 512, args.packing_strategy)
+    args.assistant_only_loss, args.dataset_kwargs = False, {"skip_prepare_dataset": True}
     model = build_model(str(TINY_CONFIG), None, "sdpa").eval()
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"messages": c} for c in conversations]))
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=packed_rows)
     row = trainer.train_dataset[0]
     batch = DocumentMaskCollator(trainer.data_collator, "sdpa")([row])
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
@@ -119,19 +176,17 @@ def test_packed_rows_keep_each_sample_to_itself(tokenizer, tmp_path):
             torch.testing.assert_close(packed[start:end], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_identity_data_is_mixed_in_with_its_placeholders_filled(tokenizer):
-    from types import SimpleNamespace
-
-    from conftest import REPO
-    from mini_qwen_sft import conversation_rows
+def test_identity_data_is_mixed_in_with_its_placeholders_filled(tokenizer, tmp_path):
+    from mini_qwen_sft import conversation_preparation
+    from utils.prepare import prepare_or_load
 
     script_args = SimpleNamespace(turns="all", system_prompt_strategy="none", system_prompt="", identity_repeat=2,
                                   identity_file=str(REPO / "mini_data" / "identity" / "identity.jsonl"),
                                   identity_name="小Q", identity_author="Ada Lovelace")
-    report = {}
-    rows = list(conversation_rows([str(REPO / "mini_data" / "sft" / "Gen" / "train-00000-of-00001.parquet")],
-                                  tokenizer, script_args, 1024, 0, report))
-    identity_rows = [r for r in rows if "Ada Lovelace" in r["messages"][-1]["content"]]
-    assert report["identity"]["kept"] == 2 * 16 and len(rows) == report["records"]["kept"] + 32
-    assert len(identity_rows) >= 2 * 6
-    assert not any("{{" in m["content"] for r in rows for m in r["messages"])
+    preparation = conversation_preparation([str(REPO / "mini_data" / "sft" / "Gen" / "train-00000-of-00001.parquet")],
+                                           tokenizer, script_args, stage_args(tmp_path, max_length=1024), {"t": 1})
+    dataset, report = prepare_or_load(preparation, str(tmp_path / "cache"), 1, world_size=1)
+    answers = [tokenizer.decode([i for i in row["labels"] if i != -100]) for row in dataset]
+    assert report["identity"]["kept"] == 2 * 16 and len(dataset) == report["records"]["kept"] + 32
+    assert sum("Ada Lovelace" in answer for answer in answers) >= 2 * 6
+    assert not any("{{" in tokenizer.decode(row["input_ids"]) for row in dataset)

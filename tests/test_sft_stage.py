@@ -8,11 +8,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from utils.checkpoint import STAGE_FILE
 
 
-def test_real_infinity_instruct_samples_train_with_fitting_counts(sft_checkpoint):
+def test_infinity_instruct_samples_train_with_fitting_counts(sft_checkpoint):
+    import pyarrow.parquet as pq
+
+    from conftest import REPO
+
     (report_file,) = sft_checkpoint.parent.glob("cache/sft-*/report.json")
     report = json.loads(report_file.read_text())
-    records, fitting = report["records"], report["fitting"]
-    assert records["kept"] + sum(records["skipped"].values()) == 200  # both files: int and str ids
+    records, fitting = report["records"], report["counts"]
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (REPO / "mini_data" / "sft").rglob("*.parquet"))
+    assert records["kept"] + sum(records["skipped"].values()) == rows  # both files: int and str ids
     assert sum(fitting.values()) == records["kept"]
     assert fitting.get("dropped oldest turns", 0) + fitting.get("prompt shortened", 0) > 0  # long samples fitted
     assert set(records["skipped"]) <= {"answer alone is longer than max_length"}

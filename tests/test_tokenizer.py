@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import REFERENCE, REFERENCE_TOKENIZER, REPO
+from conftest import REFERENCE, REFERENCE_TOKENIZER, REPO, needs_shared
 from utils.tokenizer import ADDED_TOKENS, FIRST_ADDED_ID, build_tokenizer_from_ranks, load_tokenizer
 
 MIXED_TEXT = (
@@ -29,6 +29,7 @@ def real_samples() -> list[str]:
     return texts + [m["content"] for c in conversations for m in c["messages"]]
 
 
+@needs_shared
 def test_rebuilt_tokenizer_matches_upstream_qwen25_id_for_id():
     reference = AutoTokenizer.from_pretrained(REFERENCE_TOKENIZER)
     ours = load_tokenizer()
@@ -59,6 +60,7 @@ def test_special_tokens_sit_at_qwen25_ids():
     assert ours("<|im_start|>").input_ids == [151644]
 
 
+@needs_shared
 def test_local_model_folder_is_loaded_when_given(tmp_path):
     from_folder = load_tokenizer(REFERENCE_TOKENIZER)
     assert from_folder("混合 text 123").input_ids == load_tokenizer()("混合 text 123").input_ids
@@ -77,6 +79,7 @@ def test_chat_template_marks_assistant_replies_with_their_end_token():
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"
 
 
+@needs_shared
 @pytest.mark.parametrize("parallelism", ["false", "true"])  # one thread, and a thread pool
 def test_pretraining_encoder_gives_the_tokenizers_ids_on_real_corpora(parallelism, monkeypatch):
     """The fast (tiktoken) path must reproduce the tokenizer's own ids wherever pretraining text comes from."""

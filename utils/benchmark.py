@@ -7,6 +7,8 @@
     python utils/benchmark.py step --stage dpo --precompute_ref            # vs. a reference forward every step
     # CPU: tokenize + pack throughput of our streaming pipeline vs. the original's datasets.map approach
     python utils/benchmark.py data_prep --corpus mini_data/pt --repeat 20
+    python utils/benchmark.py data_prep --pipelines ours --workers 1 2 --repeat 200   # 1 vs 2 worker processes
+    python utils/benchmark.py data_prep --stage sft --corpus mini_data/sft --repeat 40 --workers 1 2
     # the lean preset's loss curve against full precision (any PT flags after the options go to both runs)
     python utils/benchmark.py lean_curve --config configs/demo_pt.yaml --max_steps 200
 
@@ -20,8 +22,9 @@ separately by `data_prep`): forward with loss, backward, clip, AdamW step. Prese
 `--track_memory` adds the peak by kind (weights, gradients, optimizer state, activations), exact on CPU too.
 
 MFU = achieved FLOP/s / peak FLOP/s of the device, with FLOPs per token = 6·N (N = all parameters, embeddings
-included, as the original's 18% figure used) + 12·L·H·S for attention (L layers, H hidden size, S sequence
-length; forward + backward of QK^T and AV, causal masking not subtracted). Peak: the table below, bf16 dense.
+included, as the original's 18% figure used) + 12·L·H·S for attention (S = --seq_len), plus the reference forward
+of a DPO step without --precompute_ref; the formula and the bf16 peak table are utils/throughput.py's, the same
+as the training stages log.
 Results are appended to --output (JSON lines); docs/BENCHMARKS.md records them with their commands.
 """
 
@@ -41,22 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from utils.config import repo_path  # noqa: E402
-
-# bf16 dense peak TFLOP/s by GPU name (fp16 for the T4, which has no bf16).
-PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "A10": 125.0, "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
-
-
-def peak_flops(device_name: str) -> float | None:
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in device_name:
-            return tflops * 1e12
-    return None
-
-
-def flops_per_token(config, parameters: int, seq_len: int) -> float:
-    return 6 * parameters + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+from utils.config import REPO_ROOT, repo_path  # noqa: E402
+from utils.throughput import flops_per_token, peak_flops  # noqa: E402
 
 
 def versions() -> dict:
@@ -192,7 +181,8 @@ def step_benchmark(args) -> dict:
     tokens_per_second = tokens / seconds
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     peak = peak_flops(device_name) if device == "cuda" else None
-    achieved = tokens_per_second * flops_per_token(config, parameters, args.seq_len)
+    achieved = tokens_per_second * flops_per_token(config, parameters, args.seq_len,
+                                                   reference_forward=reference is not None)
     result = {
         "stage": args.stage, "recipe": args.recipe, "device": device_name, "parameters": parameters,
         "tokens_per_second": round(tokens_per_second, 1), "mfu": round(achieved / peak, 4) if peak else None,
@@ -216,18 +206,19 @@ def step_benchmark(args) -> dict:
     return result
 
 
-def _prep_ours(files: list[str], block_size: int, cache_dir: str) -> int:
-    from utils.cache import build_or_load
-    from utils.packing import pretraining_samples, sample_features
+def _prep_ours(files: list[str], block_size: int, cache_dir: str, workers: int) -> int:
+    """The PT stage's own data step (utils.prepare) with `workers` processes."""
+    from utils.packing import pretraining_preparation
+    from utils.prepare import prepare_or_load
     from utils.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
-    dataset, report = build_or_load(cache_dir, "bench", {"t": time.time()}, lambda report: pretraining_samples(
-        files, tokenizer, block_size, "concat", report), log=lambda *_: None, features=sample_features("concat"))
-    return report["packing"]["tokens_kept"]
+    preparation = pretraining_preparation(files, tokenizer, block_size, "concat", None, {"t": time.time()})
+    _, report = prepare_or_load(preparation, cache_dir, workers, world_size=1)
+    return report["packing"]["tokens_kept"], report["preparation"]["seconds"]
 
 
-def _prep_original(files: list[str], block_size: int, cache_dir: str) -> int:
+def _prep_original(files: list[str], block_size: int, cache_dir: str, workers: int) -> int:
     """The original's approach: load_dataset → map(tokenize, batch 5000) → map(group into blocks, batch 5000)."""
     from itertools import chain
 
@@ -248,19 +239,25 @@ def _prep_original(files: list[str], block_size: int, cache_dir: str) -> int:
 
     tokenized = dataset.map(tokenize, batched=True, batch_size=5000, remove_columns=dataset.column_names)
     blocks = tokenized.map(group, batched=True, batch_size=5000, remove_columns=tokenized.column_names)
-    return len(blocks) * block_size
+    return len(blocks) * block_size, None
 
 
-def _prep_child(which: str, files: list[str], block_size: int, cache_dir: str) -> None:
-    """Run one pipeline in this (child) process and print tokens, seconds and peak RSS as JSON."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, as the comparison states
+def _prep_child(which: str, files: list[str], block_size: int, cache_dir: str, workers: int) -> None:
+    """Run one pipeline in this (child) process and print tokens, seconds and peak RSS as JSON (the main process's,
+    and the largest of its worker processes'). `seconds` counts everything, tokenizer loading included;
+    `prepare_seconds` only our data step itself (what more workers speed up)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process, as the comparison states
     torch.set_num_threads(1)
     start = time.perf_counter()
-    tokens = (_prep_ours if which == "ours" else _prep_original)(files, block_size, cache_dir)
+    tokens, prepare_seconds = (_prep_ours if which == "ours" else _prep_original)(files, block_size, cache_dir, workers)
     seconds = time.perf_counter() - start
-    print(json.dumps({"pipeline": which, "tokens": tokens, "seconds": round(seconds, 2),
-                      "tokens_per_second": round(tokens / seconds), "peak_rss_mb": round(
-                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+    workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if workers > 1 else 0
+    print(json.dumps({"pipeline": which, "workers": workers, "tokens": tokens, "seconds": round(seconds, 2),
+                      "tokens_per_second": round(tokens / seconds), "prepare_seconds": prepare_seconds,
+                      "prepare_tokens_per_second": round(tokens / prepare_seconds) if prepare_seconds else None,
+                      "peak_rss_mb": round(
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      "worker_peak_rss_mb": round(workers_rss / 1024) or None}))
 
 
 def memory_cgroup(limit_mb: int) -> Path:
@@ -278,6 +275,48 @@ def memory_cgroup(limit_mb: int) -> Path:
     raise SystemExit("--memory_limit_mb needs a writable memory cgroup (Linux, as root)")
 
 
+def conversation_prep_benchmark(args) -> list[dict]:
+    """The SFT or DPO stage's own data step (`--prepare_only`, in a fresh process) on a corpus repeated --repeat
+    times, once per --workers value: records per second of the data step itself (tokenizer loading excluded)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utils.data import resolve_data_files
+
+    work = Path(tempfile.mkdtemp(prefix="mini_qwen_bench_", dir=args.work_dir))
+    results = []
+    try:
+        for index, source in enumerate(resolve_data_files([repo_path(args.corpus)])):
+            table = pq.read_table(source)
+            # Row groups of one copy each: work units the size of the source file.
+            with pq.ParquetWriter(work / f"corpus-{index}.parquet", table.schema) as writer:
+                for _ in range(args.repeat):
+                    writer.write_table(table)
+        for workers in args.workers:
+            output = subprocess.run(
+                [sys.executable, str(REPO_ROOT / f"mini_qwen_{args.stage}.py"), "--config",
+                 str(REPO_ROOT / "configs" / f"{args.stage}.yaml"), "--data_files", str(work), "--prepare_only",
+                 "--data_workers", str(workers), "--cache_dir", str(work / f"cache-{workers}"),
+                 "--output_dir", str(work / f"out-{workers}"), *(["--identity_repeat", "0"] if args.stage == "sft"
+                                                                 else [])],
+                capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+            if output.returncode:
+                raise SystemExit(f"{args.stage} --prepare_only failed:\n{output.stderr[-3000:]}")
+            report = json.loads((work / f"out-{workers}" / "data_report.json").read_text())
+            step = report["preparation"]
+            kept = report["records"]["kept"]
+            results.append({"pipeline": f"{args.stage} (ours)", "workers": workers, "records": kept,
+                            "skipped": sum(report["records"]["skipped"].values()), "tokens": report["tokens"],
+                            "prepare_seconds": step["seconds"], "records_per_second": round(kept / step["seconds"]),
+                            "corpus": args.corpus, "repeat": args.repeat, "versions": versions(),
+                            "date": time.strftime("%Y-%m-%d")})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
 def data_prep_benchmark(args) -> list[dict]:
     """Both pipelines on the same corpus (the mini corpus repeated --repeat times), each in a fresh process. The
     corpus is written uncompressed, so its size on disk is the size of its text."""
@@ -293,15 +332,16 @@ def data_prep_benchmark(args) -> list[dict]:
                                                for f in resolve_data_files([repo_path(args.corpus)])])})
     documents = base.num_rows * args.repeat
     with pq.ParquetWriter(work / "corpus.parquet", base.schema, compression="none", use_dictionary=False) as writer:
-        for start in range(0, args.repeat, 100):  # row groups of 100 copies, written as they are made
-            writer.write_table(pa.concat_tables([base] * min(100, args.repeat - start)))
+        for start in range(0, args.repeat, 10):  # row groups of 10 copies (work units), written as they are made
+            writer.write_table(pa.concat_tables([base] * min(10, args.repeat - start)))
     group = memory_cgroup(args.memory_limit_mb) if args.memory_limit_mb else None
     results = []
+    runs = [(which, workers) for which in args.pipelines for workers in (args.workers if which == "ours" else [1])]
     try:
-        for which in args.pipelines:
+        for which, workers in runs:
             output = subprocess.run(
                 [sys.executable, __file__, "_prep_child", which, str(work / "corpus.parquet"), str(args.block_size),
-                 str(work / which)], capture_output=True, text=True,
+                 str(work / which), str(workers)], capture_output=True, text=True,
                 preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None)
             if output.returncode:
                 raise SystemExit(f"{which} failed (exit {output.returncode}; -9 is the memory cap):\n"
@@ -365,10 +405,18 @@ def markdown_row(result: dict) -> str:
         return (f"| lean_curve | {result['lean_moments']} moments, {result['steps']} steps | max gap "
                 f"{result['max_relative_gap']:.2%} | final gap {result['final_relative_gap']:.2%} | final loss "
                 f"{result['final_loss']} | held-out bits/byte {result['heldout_bits_per_byte']} |")
+    if "records_per_second" in result:
+        return (f"| data_prep | {result['pipeline']}, {result['workers']} worker(s) | {result['records']:,} records "
+                f"({result['corpus']} x{result['repeat']}) | {result['records_per_second']:,} records/s | "
+                f"{result['prepare_seconds']} s |")
     if "pipeline" in result:
         cap = f", cap {result['memory_limit_mb']} MB" if result["memory_limit_mb"] else ""
-        return (f"| data_prep | {result['pipeline']} | {result['documents']} docs, {result['corpus_mb']} MB | "
-                f"{result['tokens_per_second']:,} tokens/s | peak RSS {result['peak_rss_mb']} MB{cap} |")
+        workers = f", worker peak RSS {result['worker_peak_rss_mb']} MB" if result.get("worker_peak_rss_mb") else ""
+        step_rate = result.get("prepare_tokens_per_second")
+        step_rate = f" ({step_rate:,} in the data step)" if step_rate else ""
+        return (f"| data_prep | {result['pipeline']}, {result.get('workers', 1)} worker(s) | {result['documents']} "
+                f"docs, {result['corpus_mb']} MB | {result['tokens_per_second']:,} tokens/s{step_rate} | peak RSS "
+                f"{result['peak_rss_mb']} MB{workers}{cap} |")
     settings = ", ".join(f"{k}={v}" for k, v in result["settings"].items())
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
     return (f"| {result['stage']} | {result['recipe']} | {result['device']} | {result['tokens_per_second']:,} | "
@@ -378,8 +426,8 @@ def markdown_row(result: dict) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_prep_child":
-        _, which, corpus, block_size, cache_dir = argv
-        return _prep_child(which, [corpus], int(block_size), cache_dir)
+        _, which, corpus, block_size, cache_dir, workers = argv
+        return _prep_child(which, [corpus], int(block_size), cache_dir, int(workers))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     step = sub.add_parser("step", help="optimizer steps of a stage on the model")
@@ -401,10 +449,14 @@ def main(argv=None):
     step.add_argument("--track_memory", action="store_true",
                       help="one more forward+backward under torch's MemTracker: peak memory by kind (works on CPU)")
     prep = sub.add_parser("data_prep", help="tokenize + pack throughput, ours vs. the original's")
+    prep.add_argument("--stage", choices=["pt", "sft", "dpo"], default="pt",
+                      help="sft/dpo: that stage's --prepare_only on --corpus, records/s per --workers value")
     prep.add_argument("--corpus", default="mini_data/pt")
     prep.add_argument("--repeat", type=int, default=20, help="times the corpus is repeated")
     prep.add_argument("--block_size", type=int, default=1024)
     prep.add_argument("--pipelines", nargs="+", choices=["ours", "original"], default=["ours", "original"])
+    prep.add_argument("--workers", type=int, nargs="+", default=[1],
+                      help="worker processes of our pipeline, one run per value (the original's runs on one)")
     prep.add_argument("--memory_limit_mb", type=int, default=None,
                       help="run each pipeline in a memory cgroup capped at this (Linux, root)")
     prep.add_argument("--work_dir", default=None, help="where the corpus and caches go (default: the temp folder)")
@@ -426,6 +478,8 @@ def main(argv=None):
         results = [step_benchmark(args)]
     elif args.command == "lean_curve":
         results = [lean_curve_benchmark(args)]
+    elif args.stage != "pt":
+        results = conversation_prep_benchmark(args)
     else:
         results = data_prep_benchmark(args)
     for result in results:

@@ -3,6 +3,7 @@
 import logging
 import signal
 
+import torch
 from transformers import TrainerCallback
 
 from utils.plot_loss import plot_runs
@@ -29,7 +30,13 @@ class LossPlotCallback(TrainerCallback):
 
 
 class SigtermCallback(TrainerCallback):
-    """On SIGTERM (a scheduler's pre-emption, `kill`), finish the current step, save a checkpoint, then stop."""
+    """On SIGTERM (a scheduler's pre-emption, `kill`, a launcher passing it on), finish the current step, save a
+    checkpoint, then stop.
+
+    With several ranks the signal reaches each at a slightly different moment: one rank may see it at the end of
+    step N while another has already gone on to step N + 1, and they would then wait for each other forever (one
+    in the checkpoint's barrier, one in the gradient all-reduce). So the ranks agree at every step end, with a
+    one-number all-reduce (microseconds next to a step), and all stop after the same step."""
 
     def __init__(self):
         self.received = False
@@ -39,8 +46,16 @@ class SigtermCallback(TrainerCallback):
         logger.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
         self.received = True
 
+    def _any_rank_received(self, args) -> bool:
+        if args.world_size == 1 or not torch.distributed.is_initialized():
+            return self.received
+        flag = torch.tensor([int(self.received)], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received:
+        if self._any_rank_received(args):
+            self.received = True
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -7,21 +7,82 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from utils.errors import UserError
+
 logger = logging.getLogger("mini_qwen")
 
 COMPLETE_MARKER = "checkpoint_complete"
 STAGE_FILE = "mini_qwen_stage.json"
 
 
+class CheckpointError(UserError):
+    """A checkpoint that this run cannot resume as asked."""
+
+
+def batch_geometry(args) -> dict:
+    return {"world_size": args.world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "global_batch": args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps}
+
+
 class CheckpointCompleteCallback(TrainerCallback):
     """Marks a checkpoint folder complete once the Trainer has written all of it (weights, optimizer, scheduler,
-    RNG state, trainer_state.json). A crash while saving leaves no marker, so `auto` resume skips that folder."""
+    RNG state, trainer_state.json). A crash while saving leaves no marker, so `auto` resume skips that folder.
+    The marker records the batch geometry, which a resume checks (check_resumable)."""
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+                marker = {"step": state.global_step, **batch_geometry(args)}
+                (folder / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+
+
+def _describe(geometry: dict) -> str:
+    return (f"{geometry['world_size']} process(es) x micro-batch {geometry['per_device_train_batch_size']} x "
+            f"accumulation {geometry['gradient_accumulation_steps']} = {geometry['global_batch']} samples per step")
+
+
+def check_resumable(checkpoint: str, args, deepspeed: bool) -> None:
+    """Stop before training when `checkpoint` cannot be continued faithfully by this launch.
+
+    - Another global batch: the step count, the data position (steps x samples per step) and the schedule would
+      all mean something else. The same global batch on another number of processes is fine: the Trainer skips
+      the same samples either way (each rank skips its share).
+    - A DeepSpeed checkpoint without DeepSpeed, or the reverse: the optimizer state is where the other kind does
+      not look (the Trainer would go on with a fresh optimizer).
+    - A ZeRO-2 checkpoint on another number of processes: its optimizer state is partitioned per rank, and
+      DeepSpeed fails deep inside its loader; its universal-checkpoint tool re-partitions it.
+    """
+    marker = Path(checkpoint) / COMPLETE_MARKER
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return  # written before markers held the geometry: nothing to check against
+    now = batch_geometry(args)
+    zero_folders = sorted(Path(checkpoint).glob("global_step*"))
+    if bool(zero_folders) != deepspeed:
+        written, running, launcher = (
+            ("DeepSpeed", "without it", "accelerate_config.yaml") if zero_folders else
+            ("plain PyTorch (no DeepSpeed)", "under DeepSpeed", "python, torchrun or accelerate_config_ddp.yaml"))
+        raise CheckpointError(f"{checkpoint}: written by a {written} run, and this run is {running}: its optimizer "
+                              f"state would not be found. Resume with the launcher that wrote it ({launcher}).")
+    if saved["global_batch"] != now["global_batch"]:
+        per_step = now["world_size"] * now["per_device_train_batch_size"]
+        hint = (f" Resume with --gradient_accumulation_steps {saved['global_batch'] // per_step} to keep it."
+                if saved["global_batch"] % per_step == 0 else " Choose a micro-batch and accumulation that give it.")
+        raise CheckpointError(
+            f"{checkpoint}: written with {_describe(saved)}; this run has {_describe(now)}. The step count, data "
+            f"position and learning-rate schedule are in steps of {saved['global_batch']} samples.{hint}")
+    if zero_folders and saved["world_size"] != now["world_size"]:
+        step_folder = zero_folders[-1]
+        raise CheckpointError(
+            f"{checkpoint}: a DeepSpeed ZeRO-2 checkpoint of {saved['world_size']} processes, whose optimizer state is "
+            f"split into {saved['world_size']} parts; this launch has {now['world_size']}. Resume with "
+            f"{saved['world_size']} processes, or re-partition it with DeepSpeed's universal-checkpoint tool:\n"
+            f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {step_folder} "
+            f"--output_folder {step_folder}_universal && echo {step_folder.name}_universal > {checkpoint}/latest\n"
+            f"and add \"checkpoint\": {{\"load_universal\": true}} to configs/ds_zero2.json for the resumed run.")
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -47,7 +108,7 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
         logger.info("resume=auto: resuming from %s", checkpoints[-1])
         return str(checkpoints[-1])
     if not Path(resume_from_checkpoint).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: no such checkpoint folder {resume_from_checkpoint}")
+        raise CheckpointError(f"{resume_from_checkpoint}: no such checkpoint folder (--resume_from_checkpoint)")
     return resume_from_checkpoint
 
 

@@ -6,9 +6,17 @@ given as files, folders (searched recursively) or globs.
 Shapes understood, per stage kind:
 - "pt": `text` (IndustryCorpus2, with or without its quality columns; c4), `content`, or a .txt line.
 - "sft": `conversations: [{from, value}]` (Infinity-Instruct, ShareGPT), `messages: [{role, content}]`,
-  alpaca `instruction/input/output` (+ optional `system`), `prompt/response`, `prompt/completion`.
-- "dpo": `prompt` + `chosen`/`rejected` as strings or message lists (Infinity-Preference), or ShareGPT-style
-  `conversations` + `chosen`/`rejected` {from, value} (LLaMA-Factory).
+  `conversation: [{human, assistant}]` (Firefly/MOSS; XTuner's {input, output}), alpaca `instruction/input/output`,
+  `prompt/response`, `prompt/completion`; each with optional `system` and `tools` columns.
+- "dpo": `prompt` + `chosen`/`rejected` as strings, messages or message lists (Infinity-Preference; TRL), ShareGPT-style
+  `conversations` + `chosen`/`rejected` {from, value} (LLaMA-Factory), `chosen_messages`/`rejected_messages`
+  (whole conversations; the shared leading turns are the prompt), or `chosen`/`rejected` alone as
+  "\n\nHuman: …\n\nAssistant: …" transcripts (Anthropic hh-rlhf).
+Messages may hold typed text parts ([{"type": "text", "text"}]), tool calls and results (OpenAI `tool_calls` / `tool`,
+LLaMA-Factory `function_call` / `observation`) and `reasoning_content`: all become plain ChatML text the way Qwen's
+chat templates write them (<tool_call>, <tool_response>, <think> blocks; tools in the system message), so the roles stay
+system/user/assistant. Message text is never parsed as JSON; a DPO prompt/chosen/rejected string is read as messages
+only when it is the text of messages. KTO-style records (a true/false `label`) are skipped, in both stages.
 
 Each file is read on its own and only the columns a shape needs are taken from it, so files whose other columns
 drift (Infinity-Instruct's `id` is int64 in 7M and str in Gen; `label` a struct or a str) combine without surgery.
@@ -18,38 +26,52 @@ unusable are skipped and counted by reason (SkipCounter), and the counts are pri
 
 import ast
 import glob
+import gzip
 import json
 import os
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from utils.errors import UserError
+
+# Each may also end in .gz (several public sets ship gzip-compressed jsonl).
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json", ".txt")
 
 ROLE_ALIASES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "chatgpt": "assistant",
     "system": "system",
+    # Tool use. These two roles never leave this module: tool results become user turns (_messages) and a
+    # LLaMA-Factory `function_call` turn an assistant turn (_message), as Qwen2.5's template renders them.
+    "tool": "tool", "observation": "tool", "function": "tool",
+    "function_call": "function_call",
 }
 
 # Columns that identify a shape; a file must hold one of these sets for the stage kind asked for.
 SHAPES = {
     "pt": [("text",), ("content",)],
-    "sft": [("conversations",), ("messages",), ("instruction", "output"), ("prompt", "response"),
+    "sft": [("conversations",), ("messages",), ("conversation",), ("instruction", "output"), ("prompt", "response"),
             ("prompt", "completion")],
-    "dpo": [("prompt", "chosen", "rejected"), ("conversations", "chosen", "rejected")],
+    "dpo": [("prompt", "chosen", "rejected"), ("conversations", "chosen", "rejected"),
+            ("chosen_messages", "rejected_messages"),
+            # KTO data is read only to be refused with its own reason, instead of "no columns for dpo data".
+            ("prompt", "completion", "label"), ("messages", "label"),
+            # hh-rlhf transcripts: last, since every preference file has these two columns.
+            ("chosen", "rejected")],
 }
 # Optional columns read when present.
 OPTIONAL_COLUMNS = {
     "pt": ("quality_score",),
-    "sft": ("label", "category", "system", "input"),
-    "dpo": ("task_category", "system"),
+    "sft": ("label", "category", "system", "input", "tools"),
+    "dpo": ("task_category", "system", "prompt", "tools"),
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input that cannot be read at all. The message names the file, the line/row and what is wrong."""
 
 
@@ -87,6 +109,10 @@ class SkipCounter:
         return "\n".join(lines)
 
 
+def is_data_file(path: str) -> bool:
+    return f".{data_format(path)}" in DATA_EXTENSIONS and not path.endswith(".parquet.gz")
+
+
 def resolve_data_files(specs: str | list[str]) -> list[str]:
     """Expand files, folders and globs into a sorted, de-duplicated list of data files; fail on any spec that
     matches nothing, so a typo in a YAML data list is an error, not a smaller run."""
@@ -96,12 +122,13 @@ def resolve_data_files(specs: str | list[str]) -> list[str]:
     for spec in specs:
         spec = os.path.expanduser(str(spec))
         if os.path.isdir(spec):
-            found = sorted(str(p) for p in Path(spec).rglob("*") if p.suffix in DATA_EXTENSIONS and p.is_file())
+            found = sorted(str(p) for p in Path(spec).rglob("*") if is_data_file(str(p)) and p.is_file())
         elif any(ch in spec for ch in "*?["):
-            found = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).suffix in DATA_EXTENSIONS)
+            found = sorted(p for p in glob.glob(spec, recursive=True) if is_data_file(p))
         elif os.path.isfile(spec):
-            if Path(spec).suffix not in DATA_EXTENSIONS:
-                raise DataError(f"{spec}: unsupported file type (expected one of {', '.join(DATA_EXTENSIONS)})")
+            if not is_data_file(spec):
+                raise DataError(f"{spec}: unsupported file type (expected one of {', '.join(DATA_EXTENSIONS)}, "
+                                "optionally .gz)")
             found = [spec]
         else:
             raise DataError(f"{spec}: no such file or folder")
@@ -124,42 +151,141 @@ def _pick_columns(path: str, available: list[str], kind: str) -> list[str]:
     raise DataError(f"{path}: no columns for {kind} data: expected {expected}; the file has: {', '.join(available)}")
 
 
-def iter_file_records(path: str, kind: str) -> Iterator[tuple[str, dict]]:
-    """Yield (location, record) for every record of one file, with only the columns the stage kind needs."""
-    suffix = Path(path).suffix
-    if suffix == ".parquet":
-        try:
-            # Buffered page-by-page reads: without them a whole row group (which can be a whole file) is read
-            # into memory at once (627 MB vs 133 MB peak for a 500 MB single-row-group file).
-            parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
-        except Exception as err:
-            raise DataError(f"{path}: not a readable parquet file ({err})") from err
+@dataclass(frozen=True)
+class WorkUnit:
+    """A piece of one file that a preparation worker reads on its own: a parquet row group, or the lines of a
+    jsonl/txt file whose first byte lies in [byte_start, byte_end) (`first_line` is the number of the first of them,
+    so locations in messages stay true to the file). Whole-file units have no range."""
+
+    path: str
+    row_group: int | None = None
+    first_row: int = 0
+    byte_start: int | None = None
+    byte_end: int | None = None
+    first_line: int = 1
+
+
+def data_format(path: str) -> str:
+    """parquet | jsonl | json | txt, looking through a .gz ending."""
+    name = path[:-3] if path.endswith(".gz") else path
+    return Path(name).suffix.lstrip(".")
+
+
+def _line_boundaries(path: str, unit_bytes: int) -> list[tuple[int, int]]:
+    """(byte offset, line number) of line starts about every `unit_bytes`: one pass at disk speed, so workers can
+    seek to their range and still report true line numbers."""
+    boundaries = [(0, 1)]
+    with open(path, "rb") as handle:
+        position, lines = 0, 1
+        while True:
+            handle.seek(boundaries[-1][0] + unit_bytes)
+            handle.readline()  # finish the line the jump landed in
+            next_start = handle.tell()
+            if next_start >= os.path.getsize(path):
+                return boundaries
+            handle.seek(position)
+            lines += handle.read(next_start - position).count(b"\n")
+            position = next_start
+            boundaries.append((position, lines))
+
+
+def plan_units(files: list[str], unit_bytes: int = 64 << 20) -> list[WorkUnit]:
+    """Split files into work units, in data order: parquet by row group, large uncompressed jsonl/txt by line
+    ranges of about `unit_bytes`, anything else whole. The plan depends only on the files, never on the number of
+    workers, so every worker count produces the same units and hence the same output."""
+    units = []
+    for path in files:
+        kind = data_format(path)
+        if kind == "parquet":
+            metadata = _open_parquet(path).metadata
+            first_row = 0
+            for group in range(metadata.num_row_groups):
+                units.append(WorkUnit(path, row_group=group, first_row=first_row))
+                first_row += metadata.row_group(group).num_rows
+        elif kind in ("jsonl", "txt") and not path.endswith(".gz") and os.path.getsize(path) > unit_bytes:
+            boundaries = _line_boundaries(path, unit_bytes)
+            ends = [start for start, _ in boundaries[1:]] + [os.path.getsize(path)]
+            units.extend(WorkUnit(path, byte_start=start, byte_end=end, first_line=line)
+                         for (start, line), end in zip(boundaries, ends))
+        else:
+            units.append(WorkUnit(path))
+    return units
+
+
+def _open_parquet(path: str):
+    try:
+        # Buffered page-by-page reads: without them a whole row group (which can be a whole file) is read
+        # into memory at once (627 MB vs 133 MB peak for a 500 MB single-row-group file).
+        return pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from err
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _decode(raw: bytes, path: str, line_number: int) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:line {line_number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                        "convert the file, e.g. iconv -f GB18030 -t UTF-8") from None
+    # A byte-order mark opens files saved by some Windows editors; it is not part of the first record.
+    return text[1:] if line_number == 1 and text.startswith("\ufeff") else text
+
+
+def _iter_lines(unit: WorkUnit) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line end) of every line of a unit; CRLF and LF alike."""
+    with _open_binary(unit.path) as handle:
+        if unit.byte_start is not None:
+            handle.seek(unit.byte_start)
+        position = unit.byte_start or 0
+        for line_number, raw in enumerate(handle, start=unit.first_line):
+            if unit.byte_end is not None and position >= unit.byte_end:
+                return
+            position += len(raw)
+            yield line_number, _decode(raw, unit.path, line_number).rstrip("\r\n")
+
+
+def _columns_of(record: dict, path: str, where: str, kind: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return {c: record.get(c) for c in _pick_columns(path, list(record), kind)}
+
+
+def iter_file_records(path: str | WorkUnit, kind: str) -> Iterator[tuple[str, dict]]:
+    """Yield (location, record) for every record of one file, or of one WorkUnit of it, with only the columns the
+    stage kind needs."""
+    unit = path if isinstance(path, WorkUnit) else WorkUnit(path)
+    path = unit.path
+    file_format = data_format(path)
+    if file_format == "parquet":
+        parquet = _open_parquet(path)
         columns = _pick_columns(path, parquet.schema_arrow.names, kind)
-        row = 0
-        for batch in parquet.iter_batches(batch_size=1000, columns=columns):
+        row_groups = None if unit.row_group is None else [unit.row_group]
+        row = unit.first_row
+        for batch in parquet.iter_batches(batch_size=1000, columns=columns, row_groups=row_groups):
             for record in batch.to_pylist():
                 yield f"{path}:row {row}", record
                 row += 1
-    elif suffix == ".jsonl":
-        columns = None
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:line {line_number}: invalid JSON ({err.msg} at column {err.colno})") from err
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:line {line_number}: expected a JSON object, got {type(record).__name__}")
-                columns = columns or _pick_columns(path, list(record), kind)
-                yield f"{path}:line {line_number}", {c: record.get(c) for c in columns}
-    elif suffix == ".json":
+    elif file_format == "jsonl":
+        for line_number, line in _iter_lines(unit):
+            if not line.strip():
+                continue
+            where = f"{path}:line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            yield where, _columns_of(record, path, where, kind)
+    elif file_format == "json":
+        with _open_binary(path) as handle:
+            text = _decode(handle.read(), path, 1)
         try:
-            with open(path, encoding="utf-8") as handle:
-                content = json.load(handle)
+            content = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+            raise DataError(f"{path}:line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
         if isinstance(content, dict) and content and all(isinstance(v, list) for v in content.values()):
             lengths = {len(v) for v in content.values()}
             if len(lengths) != 1:
@@ -167,19 +293,15 @@ def iter_file_records(path: str, kind: str) -> Iterator[tuple[str, dict]]:
             content = [dict(zip(content, values)) for values in zip(*content.values())]
         if not isinstance(content, list):
             raise DataError(f"{path}: expected a JSON array of records, got {type(content).__name__}")
-        columns = None
         for index, record in enumerate(content):
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:record {index}: expected a JSON object, got {type(record).__name__}")
-            columns = columns or _pick_columns(path, list(record), kind)
-            yield f"{path}:record {index}", {c: record.get(c) for c in columns}
-    elif suffix == ".txt":
+            where = f"{path}:record {index}"
+            yield where, _columns_of(record, path, where, kind)
+    elif file_format == "txt":
         if kind != "pt":
             raise DataError(f"{path}: plain text files hold pretraining documents only, not {kind} data")
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield f"{path}:line {line_number}", {"text": line.rstrip("\n")}
+        for line_number, line in _iter_lines(unit):
+            if line.strip():
+                yield f"{path}:line {line_number}", {"text": line}
     else:
         raise DataError(f"{path}: unsupported file type")
 
@@ -195,47 +317,221 @@ def _text(value, what: str) -> str:
 
 
 def _maybe_literal(value):
-    """Some exports store lists/structs as their Python or JSON text; accept both."""
+    """Some exports store lists/structs as their Python or JSON text; accept both. Only for fields that are
+    structures (message lists, `label`, `tools`, `tool_calls`, a `function_call` turn): message text never is."""
     if isinstance(value, str) and value[:1] in "[{":
         for parse in (json.loads, ast.literal_eval):
             try:
                 return parse(value)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, RecursionError):
                 continue
     return value
 
 
+def _first(item: dict, *keys):
+    """The value of the first of `keys` that has one: parquet gives every row every struct field, absent ones None."""
+    return next((item[key] for key in keys if item.get(key) is not None), None)
+
+
+def _is_message(value) -> bool:
+    return isinstance(value, dict) and _first(value, "role", "from") is not None
+
+
+def _message_structure(value):
+    """A DPO prompt/chosen/rejected field: text, a message, or a list of messages, which some exports store as
+    their JSON/Python text. Text is taken for messages only if it parses into messages, so an answer that merely
+    looks like JSON ("[71, 269, 3]", '{"k": 1}') stays the answer."""
+    parsed = _maybe_literal(value)
+    items = parsed if isinstance(parsed, list) else [parsed]
+    return parsed if items and all(map(_is_message, items)) else value
+
+
+def _content_text(content, what: str):
+    """A message's text: a string as it is, or typed parts [{"type": "text", "text"|"value": ...}] (OpenAI,
+    LLaMA-Factory's newer format) joined with nothing between them, as Qwen2-VL's template joins them: the parts
+    are pieces of one text, and a separator would add characters the author did not write."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise SkipRecord(f"content part of a {what} is not an object")
+        if part.get("type") != "text":
+            raise SkipRecord(f"non-text content part {part.get('type')!r}")
+        text = _first(part, "text", "value")
+        if not isinstance(text, str):
+            raise SkipRecord(f"text part of a {what} is not a string")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _tool_call_text(call) -> str:
+    """One call as Qwen2.5's template writes it: <tool_call>, {"name": ..., "arguments": {...}}, </tool_call>."""
+    if isinstance(call, dict) and isinstance(call.get("function"), dict):  # OpenAI nests the call in "function"
+        call = call["function"]
+    if not isinstance(call, dict):
+        raise SkipRecord("tool call is not a {name, arguments} object")
+    name = call.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise SkipRecord("tool call without a function name")
+    arguments = call.get("arguments")
+    if isinstance(arguments, str):  # OpenAI sends the arguments as JSON text; Qwen writes the object itself
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise SkipRecord("tool call arguments are not valid JSON") from None
+    if not isinstance(arguments, dict):
+        raise SkipRecord("tool call arguments are not a JSON object")
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n</tool_call>"
+
+
+def _assistant_text(item: dict, content) -> str:
+    """The text an assistant turn trains on: Qwen3's <think> block for its reasoning, then its text, then one
+    <tool_call> block per call (each on its own line, as Qwen2.5's template puts them)."""
+    calls = _maybe_literal(_first(item, "tool_calls", "function_call"))
+    if isinstance(calls, dict):  # OpenAI's older single `function_call`
+        calls = [calls]
+    if calls is not None and not isinstance(calls, list):
+        raise SkipRecord("tool_calls is not a list")
+    if calls:
+        if content is not None and not isinstance(content, str):
+            raise SkipRecord("assistant message is not a string")
+        content = "\n".join(([content] if content else []) + [_tool_call_text(call) for call in calls])
+    content = _text(content, "assistant message")
+    reasoning = _first(item, "reasoning_content", "reasoning", "thinking")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise SkipRecord("assistant reasoning is not a string")
+    if reasoning and reasoning.strip():  # newlines trimmed where Qwen3's template trims them
+        thought, content = reasoning.strip("\n"), content.lstrip("\n")
+        content = f"<think>\n{thought}\n</think>\n\n{content}"
+    return content
+
+
 def _message(item) -> dict:
+    """One message as {"role", "content"}; role system, user, assistant or tool (folded by _messages)."""
     if not isinstance(item, dict):
         raise SkipRecord("message is not an object")
-    raw_role = item.get("role", item.get("from"))
+    raw_role = _first(item, "role", "from")
     role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
     if role is None:
         raise SkipRecord(f"unknown role {raw_role!r}")
-    content = item.get("content", item.get("value"))
+    raw_content = _first(item, "content", "value")
+    if role == "function_call":  # LLaMA-Factory: the value is the JSON of one call {name, arguments} or a list
+        calls = _maybe_literal(raw_content)
+        calls = calls if isinstance(calls, list) else [calls]
+        return {"role": "assistant", "content": _text("\n".join(map(_tool_call_text, calls)), "function_call message")}
+    content = _content_text(raw_content, f"{role} message")
+    if role == "assistant":
+        return {"role": role, "content": _assistant_text(item, content)}
+    if item.get("tool_calls"):
+        raise SkipRecord(f"tool_calls on a {role} message")
     return {"role": role, "content": _text(content, f"{role} message")}
 
 
-def normalize_messages(items) -> list[dict]:
-    """A list of {role|from, content|value} into ChatML messages: optional system first, then user/assistant
-    alternating, starting with user and ending with assistant (trailing unanswered user turns are dropped)."""
+def _messages(items) -> list[dict]:
+    """A list of messages (or its JSON/Python text) into ChatML messages, in the order given. Tool results become a
+    user turn of <tool_response> blocks, consecutive results sharing one turn, as Qwen2.5's template shows them."""
     items = _maybe_literal(items)
     if not isinstance(items, list) or not items:
         raise SkipRecord("no messages")
-    messages = [_message(item) for item in items]
-    if messages[0]["role"] == "system":
-        system, turns = messages[:1], messages[1:]
-    else:
-        system, turns = [], messages
+    messages, previous_role = [], None
+    for message in map(_message, items):
+        if message["role"] == "tool":
+            block = f"<tool_response>\n{message['content']}\n</tool_response>"
+            if previous_role == "tool":
+                messages[-1]["content"] += "\n" + block
+            else:
+                messages.append({"role": "user", "content": block})
+        else:
+            messages.append(message)
+        previous_role = message["role"]
+    return messages
+
+
+def _check_turns(messages: list[dict]) -> list[dict]:
+    """Optional system first, then user/assistant alternating, starting with user."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     for index, message in enumerate(turns):
         expected = "user" if index % 2 == 0 else "assistant"
         if message["role"] != expected:
             raise SkipRecord(f"roles do not alternate user/assistant (got {message['role']} at turn {index})")
-    if len(turns) % 2 == 1:
-        turns = turns[:-1]
-    if not turns:
+    return messages
+
+
+def normalize_messages(items) -> list[dict]:
+    """A list of {role|from, content|value} into ChatML messages: optional system first, then user/assistant
+    alternating, starting with user and ending with assistant (a trailing unanswered user turn is dropped)."""
+    messages = _check_turns(_messages(items))
+    if messages[-1]["role"] == "user":
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "assistant":
         raise SkipRecord("no assistant answer")
-    return system + turns
+    return messages
+
+
+def _exchanges(items) -> list[dict]:
+    """Firefly/MOSS `conversation: [{human, assistant}, ...]` (XTuner writes {input, output}) as messages; a
+    `system` in the first exchange opens the conversation."""
+    items = _maybe_literal(items)
+    if not isinstance(items, list) or not items:
+        raise SkipRecord("no messages")
+    messages = []
+    for index, exchange in enumerate(items):
+        if not isinstance(exchange, dict):
+            raise SkipRecord("conversation exchange is not an object")
+        system = exchange.get("system") if index == 0 else None
+        if system:
+            messages.append({"role": "system", "content": system})
+        human, answer = _first(exchange, "human", "input"), _first(exchange, "assistant", "output")
+        if system and human is None and answer is None:  # a first item holding only the system prompt
+            continue
+        messages.append({"role": "user", "content": human})
+        if answer is not None:  # a last question may be unanswered; normalize_messages drops it
+            messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+# Qwen2.5's chat template (Qwen2.5-*-Instruct tokenizer_config.json) writes the tools into the system message in
+# these words, and a model fine-tuned from Qwen2.5 has learnt to call tools from them.
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def _tools_text(tools) -> str:
+    """The tools block of the system message, one JSON spec a line; "" when the record offers no tools."""
+    tools = _maybe_literal(tools)
+    if not tools or (isinstance(tools, str) and not tools.strip()):
+        return ""
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise SkipRecord("tools is not a list of function specs")
+    # Qwen2.5 was trained on OpenAI-style specs; bare ones (LLaMA-Factory) are wrapped as its Qwen formatter does.
+    specs = [tool if tool.get("type") == "function" else {"type": "function", "function": tool} for tool in tools]
+    return TOOLS_HEADER + "".join("\n" + json.dumps(spec, ensure_ascii=False) for spec in specs) + TOOLS_FOOTER
+
+
+def _with_system(messages: list[dict], system, tools) -> list[dict]:
+    """The record's `system` (unless the conversation has its own) and `tools` in one system message first, as
+    Qwen2.5's template joins them. Without system text the tools block stands alone, as in Qwen3's template
+    (Qwen2.5's would put its own "You are Qwen" identity there)."""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    content = "\n\n".join(part for part in (str(system) if system else "", _tools_text(tools)) if part)
+    return ([{"role": "system", "content": content}] if content else []) + messages
+
+
+KTO_LABEL_REASON = ("labelled (KTO-style) record: label true/false marks desirable/undesirable replies; SFT would "
+                    "train on the undesirable ones, and DPO needs chosen/rejected pairs")
+
+
+def _refuse_kto_label(record: dict):
+    """KTO data (TRL's unpaired preference format) labels each reply good or bad. Infinity-Instruct's `label` is a
+    struct of abilities (or its text): a category, not a verdict, so only a bool or the words true/false count."""
+    label = record.get("label")
+    if isinstance(label, bool) or (isinstance(label, str) and label.strip().lower() in ("true", "false")):
+        raise SkipRecord(KTO_LABEL_REASON)
 
 
 def _category(record: dict) -> str:
@@ -256,10 +552,13 @@ def normalize_pt(record: dict) -> dict:
 
 
 def normalize_sft(record: dict) -> dict:
+    _refuse_kto_label(record)
     if record.get("conversations") is not None:
         messages = normalize_messages(record["conversations"])
     elif record.get("messages") is not None:
         messages = normalize_messages(record["messages"])
+    elif record.get("conversation") is not None:
+        messages = normalize_messages(_exchanges(record["conversation"]))
     elif "instruction" in record:
         prompt = _text(record.get("instruction"), "instruction")
         if record.get("input"):
@@ -270,43 +569,101 @@ def normalize_sft(record: dict) -> dict:
         answer = record.get("response", record.get("completion"))
         messages = [{"role": "user", "content": _text(record.get("prompt"), "prompt")},
                     {"role": "assistant", "content": _text(answer, "response")}]
-    if record.get("system") and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": str(record["system"])})
-    return {"messages": messages, "category": _category(record)}
+    return {"messages": _with_system(messages, record.get("system"), record.get("tools")),
+            "category": _category(record)}
 
 
-def _answer(value, what: str) -> str:
-    value = _maybe_literal(value)
-    if isinstance(value, list):
-        if not value:
-            raise SkipRecord(f"empty {what}")
-        value = value[-1]
+def _split_answer(messages: list[dict], what: str) -> tuple[list[dict], str]:
+    """(the messages before the answer, the answer) of a conversation that ends with the assistant's answer."""
+    if messages[-1]["role"] != "assistant":
+        raise SkipRecord(f"{what} does not end with an assistant message")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _answer(value, what: str) -> tuple[list[dict], str]:
+    """A chosen/rejected field: the answer text, one assistant message, or a conversation ending in the answer
+    (Infinity-Preference repeats the prompt there). Returns (the messages before the answer, the answer)."""
     if isinstance(value, dict):
-        message = _message(value)
-        if message["role"] != "assistant":
-            raise SkipRecord(f"{what} does not end with an assistant message")
-        return message["content"]
-    return _text(value, what)
+        value = [value]
+    if not isinstance(value, list):
+        return [], _text(value, what)
+    if not value:
+        raise SkipRecord(f"empty {what}")
+    return _split_answer(_messages(value), what)
+
+
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def _transcript(text, side: str) -> tuple[list[dict], str]:
+    """Anthropic hh-rlhf: a whole dialogue "\\n\\nHuman: …\\n\\nAssistant: …" in one string. The answer is the last
+    Assistant turn, the turns before it the prompt. Returns (prompt messages, answer)."""
+    text = _text(text, side)
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise SkipRecord(f"no prompt: no prompt column, and {side} is not a Human:/Assistant: transcript")
+    prefix = text[:cut]
+    opening, *exchanges = (f"\n\n{prefix}" if prefix.startswith("Human:") else prefix).split(HH_HUMAN)
+    if opening.strip() or not exchanges:
+        raise SkipRecord(f"{side} transcript does not start with a Human: turn")
+    items = []
+    for exchange in exchanges:
+        human, *answers = exchange.split(HH_ASSISTANT)
+        items.append({"role": "user", "content": human.removeprefix(" ")})
+        items.extend({"role": "assistant", "content": answer.removeprefix(" ")} for answer in answers)
+    return _messages(items), _text(text[cut + len(HH_ASSISTANT):].removeprefix(" "), f"{side} answer")
+
+
+def _turns(messages: list[dict], roles=("system", "user", "assistant")) -> list[tuple[str, str]]:
+    """What two prompts are compared on: whitespace at the ends of a text is not a difference."""
+    return [(message["role"], message["content"].strip()) for message in messages if message["role"] in roles]
+
+
+def _prompt_field_agrees(prompt_field, embedded: list[dict]) -> bool:
+    """A prompt text agrees with the prompt inside chosen/rejected if it is its first or its last user turn (the
+    conversation's opening, or the question answered); a prompt message list agrees if it has the same turns."""
+    if isinstance(prompt_field, list):
+        return _turns(_messages(prompt_field), ("user", "assistant")) == _turns(embedded, ("user", "assistant"))
+    users = [content for _, content in _turns(embedded, ("user",))]
+    return bool(users) and str(prompt_field).strip() in (users[0], users[-1])
 
 
 def normalize_dpo(record: dict) -> dict:
-    chosen_raw = _maybe_literal(record.get("chosen"))
-    rejected_raw = _maybe_literal(record.get("rejected"))
-    if record.get("conversations") is not None:
-        prompt = normalize_messages(list(_maybe_literal(record["conversations"])) + [{"role": "assistant", "content": "-"}])[:-1]
-    elif isinstance(chosen_raw, list) and len(chosen_raw) > 1:
-        # Infinity-Preference repeats the prompt as the first message(s) of chosen and rejected.
-        prompt = normalize_messages(chosen_raw[:-1] + [{"role": "assistant", "content": "-"}])[:-1]
-        if isinstance(rejected_raw, list) and len(rejected_raw) > 1:
-            rejected_prompt = normalize_messages(rejected_raw[:-1] + [{"role": "assistant", "content": "-"}])[:-1]
-            if rejected_prompt != prompt:
-                raise SkipRecord("chosen and rejected answer different prompts")
+    _refuse_kto_label(record)
+    prompt_field = _message_structure(record.get("prompt"))
+    if isinstance(prompt_field, dict):
+        prompt_field = [prompt_field]
+    prompt_given = bool(prompt_field.strip() if isinstance(prompt_field, str) else prompt_field)
+    if "chosen_messages" in record:
+        chosen_prompt, chosen = _split_answer(_messages(record["chosen_messages"]), "chosen answer")
+        rejected_prompt, rejected = _split_answer(_messages(record["rejected_messages"]), "rejected answer")
+    elif "chosen" not in record:
+        raise SkipRecord("no chosen/rejected pair: prompt/completion or messages data is not preference data")
     else:
-        prompt = [{"role": "user", "content": _text(record.get("prompt"), "prompt")}]
-    if record.get("system") and prompt[0]["role"] != "system":
-        prompt.insert(0, {"role": "system", "content": str(record["system"])})
-    chosen = _answer(chosen_raw, "chosen answer")
-    rejected = _answer(rejected_raw, "rejected answer")
+        chosen_raw, rejected_raw = _message_structure(record["chosen"]), _message_structure(record.get("rejected"))
+        if "prompt" not in record and "conversations" not in record and isinstance(chosen_raw, str):
+            chosen_prompt, chosen = _transcript(chosen_raw, "chosen")
+            rejected_prompt, rejected = _transcript(rejected_raw, "rejected")
+        else:
+            chosen_prompt, chosen = _answer(chosen_raw, "chosen answer")
+            rejected_prompt, rejected = _answer(rejected_raw, "rejected answer")
+    if chosen_prompt and rejected_prompt and _turns(chosen_prompt) != _turns(rejected_prompt):
+        raise SkipRecord("chosen and rejected answer different prompts")
+    embedded_prompt = chosen_prompt or rejected_prompt
+    if record.get("conversations") is not None:
+        prompt = _messages(record["conversations"])
+    elif embedded_prompt:
+        # Two prompts that disagree: which one the answers reply to is unknowable, so neither is guessed.
+        if prompt_given and not _prompt_field_agrees(prompt_field, embedded_prompt):
+            raise SkipRecord("prompt field disagrees with the prompt inside chosen/rejected")
+        prompt = embedded_prompt
+    elif isinstance(prompt_field, list):
+        prompt = _messages(prompt_field)
+    else:
+        prompt = [{"role": "user", "content": _text(prompt_field, "prompt")}]
+    prompt = _check_turns(_with_system(prompt, record.get("system"), record.get("tools")))
+    if prompt[-1]["role"] != "user":
+        raise SkipRecord("prompt does not end with a user message")
     if chosen.strip() == rejected.strip():
         raise SkipRecord("chosen and rejected are identical")
     return {

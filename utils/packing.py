@@ -11,9 +11,10 @@
 PackingStats adds up what went in and what came out: tokens_in == tokens_kept + tokens_dropped.
 """
 
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Features, List, Value
 
@@ -54,47 +55,90 @@ class PackingStats:
         )
 
 
-def pack_documents(
-    documents: Iterable[list[int]], block_size: int, mode: str, eos_token_id: int, stats: PackingStats
-) -> Iterator[dict]:
-    """Yield training samples ({"input_ids"} and, in document mode, {"position_ids"}) from token-id lists."""
-    if mode not in PACKING_MODES:
-        raise ValueError(f"packing must be one of {PACKING_MODES}, got {mode!r}")
-    buffer: list[int] = []
-    document_starts: list[int] = []  # where in `buffer` each document begins (document mode)
-    for ids in documents:
-        stats.documents += 1
-        stats.tokens_in += len(ids) + 1
-        if mode == "none":
-            kept = (list(ids) + [eos_token_id])[:block_size]
-            stats.tokens_kept += len(kept)
-            stats.tokens_dropped += len(ids) + 1 - len(kept)
-            stats.padding_tokens += block_size - len(kept)
-            stats.samples += 1
-            yield {"input_ids": kept}
-            continue
-        document_starts.append(len(buffer))
-        buffer.extend(ids)
-        buffer.append(eos_token_id)
-        full_blocks = len(buffer) // block_size
-        for block_index in range(full_blocks):
-            start = block_index * block_size
-            block = buffer[start : start + block_size]
-            stats.tokens_kept += block_size
-            stats.samples += 1
-            if mode == "document":
-                # Positions restart at every document start; a document cut by the block edge restarts at 0 in the
-                # next block, like a document of its own.
-                edges = [0] + [s - start for s in document_starts if start < s < start + block_size] + [block_size]
-                positions = [p for begin, end in zip(edges, edges[1:]) for p in range(end - begin)]
-                yield {"input_ids": block, "position_ids": positions}
-            else:
-                yield {"input_ids": block}
-        if full_blocks:
-            consumed = full_blocks * block_size
-            del buffer[:consumed]
-            document_starts = [s - consumed for s in document_starts if s >= consumed]
-    stats.tokens_dropped += len(buffer)
+def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
+
+
+class BlockPacker:
+    """Packs batches of tokenized documents (an Arrow list<int32> column, in data order) into samples.
+
+    Vectorised with numpy: the end-of-document token is inserted, the stream is cut at multiples of block_size, and
+    in document mode each token's position is its distance from the later of its document's start and its block's
+    start. What does not fill a block is carried to the next batch, so batch and shard boundaries change nothing.
+    """
+
+    def __init__(self, block_size: int, mode: str, eos_token_id: int):
+        if mode not in PACKING_MODES:
+            raise ValueError(f"packing must be one of {PACKING_MODES}, got {mode!r}")
+        self.block_size, self.mode, self.eos = block_size, mode, eos_token_id
+        self.stats = PackingStats()
+        self.carry = np.empty(0, dtype=np.int32)
+        self.carry_starts = np.empty(0, dtype=np.int64)  # where documents begin in `carry`
+
+    def add(self, documents: pa.ListArray) -> pa.Table | None:
+        documents = documents.combine_chunks() if isinstance(documents, pa.ChunkedArray) else documents
+        offsets = documents.offsets.to_numpy().astype(np.int64)
+        values = documents.values.to_numpy()[offsets[0]:offsets[-1]]
+        lengths = np.diff(offsets)
+        count = len(lengths)
+        # The stream with <|im_end|> after every document; starts[i] is where document i begins in it.
+        starts = offsets[:-1] - offsets[0] + np.arange(count)
+        ends = starts + lengths
+        stream = np.empty(values.size + count, dtype=np.int32)
+        is_text = np.ones(stream.size, dtype=bool)
+        is_text[ends] = False
+        stream[is_text] = values
+        stream[ends] = self.eos
+        stats, block = self.stats, self.block_size
+        stats.documents += count
+        stats.tokens_in += int(stream.size)
+        if self.mode == "none":
+            kept = np.minimum(lengths + 1, block)
+            document_of = np.repeat(np.arange(count), lengths + 1)
+            keep = np.arange(stream.size) - starts[document_of] < block
+            stats.tokens_kept += int(kept.sum())
+            stats.tokens_dropped += int(stream.size - kept.sum())
+            stats.padding_tokens += int((block - kept).sum())
+            stats.samples += count
+            return pa.table({"input_ids": _list_array(stream[keep], kept)}) if count else None
+        buffer = np.concatenate([self.carry, stream])
+        buffer_starts = np.concatenate([self.carry_starts, starts + self.carry.size])
+        full = buffer.size // block
+        used = full * block
+        self.carry = buffer[used:].copy()
+        self.carry_starts = buffer_starts[buffer_starts >= used] - used
+        if not full:
+            return None
+        stats.tokens_kept += used
+        stats.samples += full
+        columns = {"input_ids": _list_array(buffer[:used], np.full(full, block))}
+        if self.mode == "document":
+            # Positions restart at every document start; a document cut by the block edge restarts at 0 in the next
+            # block, like a document of its own. The carry begins at a block edge, so 0 counts as a start.
+            index = np.arange(used)
+            document_starts = np.concatenate([[0], buffer_starts[buffer_starts < used]])
+            document_start = document_starts[np.searchsorted(document_starts, index, side="right") - 1]
+            positions = index - np.maximum(document_start, index - index % block)
+            columns["position_ids"] = _list_array(positions.astype(np.int32), np.full(full, block))
+        return pa.table(columns)
+
+    def finish(self) -> None:
+        """The final partial block is dropped (and counted)."""
+        self.stats.tokens_dropped += int(self.carry.size)
+        self.carry = np.empty(0, dtype=np.int32)
+
+
+def pack_documents(documents: list[list[int]], block_size: int, mode: str, eos_token_id: int,
+                   stats: PackingStats | None = None) -> list[dict]:
+    """Samples from a list of token-id lists in one go (tests, inspection); the stage streams via BlockPacker."""
+    packer = BlockPacker(block_size, mode, eos_token_id)
+    table = packer.add(pa.array(documents, type=pa.list_(pa.int32())))
+    packer.finish()
+    if stats is not None:
+        stats.__dict__.update(packer.stats.__dict__)
+    return table.to_pylist() if table is not None else []
 
 
 def document_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -115,35 +159,40 @@ def document_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> t
     return mask[:, None, :, :]
 
 
-def pretraining_samples(files: list[str], tokenizer, block_size: int, mode: str, report: dict,
-                        min_quality_score: float | None = None, tokenize_batch: int = 1000) -> Iterator[dict]:
-    """Read → normalise → (quality filter) → tokenize in batches → pack. Fills `report` with the skip counts and
-    the packing statistics when the generator is exhausted."""
-    from utils.data import SkipCounter, SkipRecord, iter_normalized
+def pretraining_preparation(files: list[str], tokenizer, block_size: int, mode: str,
+                            min_quality_score: float | None, key: dict):
+    """The PT data step for utils.prepare: workers tokenize documents (quality filter first); the main process
+    packs them in data order."""
+    from utils.data import SkipRecord
+    from utils.prepare import Preparation
     from utils.tokenizer import pretraining_encoder
 
-    counter = SkipCounter()
-    stats = PackingStats()
+    encode = pretraining_encoder(tokenizer, threads=1)
 
-    def quality_filter(record):
+    def shape(record, stats):
         score = record.get("quality_score")
         if min_quality_score is not None and score is not None and score < min_quality_score:
             raise SkipRecord(f"quality_score below {min_quality_score}")
-        return record
+        ids = encode([record["text"]])[0]
+        stats.tokens += len(ids)
+        return {"ids": ids}
 
-    def token_lists():
-        encode = pretraining_encoder(tokenizer)
-        batch = []
-        for record in iter_normalized(files, "pt", counter, quality_filter):
-            batch.append(record["text"])
-            if len(batch) == tokenize_batch:
-                yield from encode(batch)
-                batch = []
-        if batch:
-            yield from encode(batch)
+    def assemble(tables, report):
+        packer = BlockPacker(block_size, mode, tokenizer.eos_token_id)
+        for table in tables:
+            packed = packer.add(table.column("ids"))
+            if packed is not None:
+                yield packed
+        packer.finish()
+        report["packing"] = packer.stats.to_dict()
+        if not packer.stats.samples:
+            report["no_rows_hint"] = (
+                f"{packer.stats.documents} documents with {packer.stats.tokens_in} tokens (end-of-document tokens "
+                f"included) do not fill one block of block_size={block_size}: use more data or a smaller "
+                "--block_size, or --packing none (one padded sample per document)")
 
-    yield from pack_documents(token_lists(), block_size, mode, tokenizer.eos_token_id, stats)
-    report.update(records=counter.to_dict(), packing=stats.to_dict())
+    return Preparation("pt", files, key, shape, pa.schema([("ids", pa.list_(pa.int32()))]), sample_features(mode),
+                       assemble)
 
 
 class PretrainCollator:

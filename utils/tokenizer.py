@@ -10,6 +10,7 @@ Either way the chat template is ours (utils/chat_template.jinja): ChatML turns w
 """
 
 import base64
+import logging
 import os
 import shutil
 import unicodedata
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER_DIR = REPO_ROOT / "models" / "Qwen2.5-0.5B-Instruct"
+logger = logging.getLogger("mini_qwen")
 CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text(encoding="utf-8")
 BUILD_VERSION = "qwen2.5-v1"  # bump when the rebuild below changes, so stale caches are not reused
 
@@ -149,6 +151,17 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     return _finish(_load(str(path) if path is not None else None))
 
 
+def load_stage_tokenizer(tokenizer_path: str | None, init_from: str, prepare_only: bool) -> PreTrainedTokenizerBase:
+    """A fine-tuning stage's tokenizer: `tokenizer_path`, else the one saved with `init_from`. Data can be prepared
+    before that checkpoint exists (on a CPU machine, before renting GPUs): then the default Qwen2.5 tokenizer is
+    used, which is the one every stage saves, and caches are keyed by tokenizer content, not by path."""
+    path = tokenizer_path or init_from
+    if prepare_only and not tokenizer_path and not Path(path).is_dir():
+        logger.info("%s does not exist yet: preparing with the default Qwen2.5 tokenizer", path)
+        return load_tokenizer()
+    return load_tokenizer(path)
+
+
 # Qwen2's pre-tokenizer split, as in its tokenizer.json.
 PRETOKENIZE_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                        r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -158,16 +171,19 @@ ENCODER_PROBE = ("Caf\u00e9 cafe\u0301 it's WE'LL 12345 3.14\n\n  \t 中文分�
                  "<|endoftext|><tool_call>{}</tool_call>\r\n def f(x):\n    return x**2  \n\u00a0end")
 
 
-def pretraining_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
+def pretraining_encoder(tokenizer: PreTrainedTokenizerBase, threads: int | None = None
+                        ) -> Callable[[list[str]], list[list[int]]]:
     """A function from a batch of documents to their token ids, with special-token strings encoded as text (a
-    literal "<|im_end|>" in a web page is not a control token) and no special tokens added.
+    literal "<|im_end|>" in a web page is not a control token) and no special tokens added. `threads`: default 1
+    when TOKENIZERS_PARALLELISM is off, else up to 8; preparation workers pass 1 (they are the parallelism).
 
     tiktoken runs the same byte-level BPE about 3x faster than the tokenizer's own Rust backend on one core
     (`python utils/benchmark.py data_prep`, docs/BENCHMARKS.md), so it is used when it reproduces the tokenizer's
     ids on a probe text; otherwise (another vocabulary, a tokenizer without NFC) the tokenizer's backend is used.
     """
     backend = tokenizer.backend_tokenizer
-    threads = 1 if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("false", "0") else min(8, os.cpu_count())
+    if threads is None:
+        threads = 1 if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("false", "0") else min(8, os.cpu_count())
 
     def backend_encode(texts: list[str]) -> list[list[int]]:
         previous, backend.encode_special_tokens = backend.encode_special_tokens, True

@@ -5,8 +5,10 @@ import logging
 from pathlib import Path
 
 from utils.callbacks import LossPlotCallback, SigtermCallback
-from utils.checkpoint import CheckpointCompleteCallback, resolve_resume, save_final_model
+from utils.checkpoint import CheckpointCompleteCallback, check_resumable, resolve_resume, save_final_model
 from utils.crash_safety import AnomalyGuard, CrashSafetyArguments, SkipSamplesMixin, parse_ranges
+from utils.report import write_stage_report
+from utils.throughput import ThroughputArguments, ThroughputCallback
 
 logger = logging.getLogger("mini_qwen")
 
@@ -17,17 +19,20 @@ def with_skip_samples(trainer_class, crash_args: CrashSafetyArguments):
                 {"skip_ranges": parse_ranges(crash_args.skip_samples)})
 
 
-def stage_callbacks(crash_args: CrashSafetyArguments, plot_keys=("loss", "grad_norm", "learning_rate")):
-    return [CheckpointCompleteCallback(), LossPlotCallback(plot_keys), SigtermCallback(), AnomalyGuard(crash_args)]
+def stage_callbacks(crash_args: CrashSafetyArguments, plot_keys=("loss", "grad_norm", "learning_rate"),
+                    throughput_args: ThroughputArguments | None = None):
+    return [CheckpointCompleteCallback(), LossPlotCallback(plot_keys), SigtermCallback(), AnomalyGuard(crash_args),
+            ThroughputCallback((throughput_args or ThroughputArguments()).peak_tflops)]
 
 
 def _callback(trainer, kind):
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
 
 
-def train_and_save(trainer, tokenizer, stage: str) -> None:
-    """Train (resuming as asked), then save the final model, unless the run was stopped early: then the last
-    checkpoint is what to resume from, and the process exits non-zero saying why."""
+def train_and_save(trainer, tokenizer, stage: str, heldout_metrics=None) -> None:
+    """Train (resuming as asked), then save the final model and write its report card (utils.report; with
+    `heldout_metrics`, mini_qwen_eval's, it holds the held-out bits per byte), unless the run was stopped early:
+    then the last checkpoint is what to resume from, and the process exits non-zero saying why."""
     args = trainer.args
     weights = str(next(trainer.model.parameters()).dtype).replace("torch.", "")
     precision = f"{weights} weights, " + ("bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else
@@ -39,7 +44,12 @@ def train_and_save(trainer, tokenizer, stage: str) -> None:
         optimizer, _ = trainer.optimizer_cls_and_kwargs or trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
         logger.info("launch: %d process(es), no DeepSpeed, %s, optimizer %s", args.world_size, precision,
                     optimizer.__name__)
-    trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+    checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint:
+        check_resumable(checkpoint, args, trainer.is_deepspeed_enabled)
+    # The throughput numbers must be in `logs` before the reporting integrations (tensorboard, wandb) read them.
+    trainer.callback_handler.callbacks.sort(key=lambda callback: not isinstance(callback, ThroughputCallback))
+    trainer.train(resume_from_checkpoint=checkpoint)
     guard = _callback(trainer, AnomalyGuard)
     if guard.tripped:
         # The weights in memory took the bad step: they are not saved.
@@ -49,6 +59,9 @@ def train_and_save(trainer, tokenizer, stage: str) -> None:
         raise SystemExit(f"{stage}: stopped by SIGTERM at step {trainer.state.global_step} after saving a checkpoint; "
                          "continue with --resume_from_checkpoint auto")
     save_final_model(trainer, tokenizer, args.output_dir, stage)
+    if trainer.is_world_process_zero():
+        report = write_stage_report(args.output_dir, stage, args, trainer.model, tokenizer, heldout_metrics)
+        logger.info("report card: %s", report)
 
 
 def write_data_report(training_args, report: dict) -> None:

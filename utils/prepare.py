@@ -1,0 +1,286 @@
+"""Data preparation as a step of its own: files → work units → worker processes → one cache that every training
+rank memory-maps.
+
+    python mini_qwen_pt.py --config configs/pt.yaml --prepare_only [--data_workers 16]
+
+Each stage names what its rows depend on (the cache key) and how one normalised record becomes one row (`shape`,
+raising SkipRecord to count a record out); this module does the rest for all three stages:
+- the files are split into work units (utils.data.plan_units: parquet row groups, line ranges of large jsonl/txt);
+- worker processes (default: every core) each read, normalise and shape whole units, writing each unit's rows to a
+  temporary Arrow shard; memory per worker is one batch of rows;
+- the main process takes the shards back in data order, passes them through the stage's `assemble` (pretraining
+  packs blocks there, so the remainder carries across shard boundaries exactly as in one pass) and appends them to
+  the cache file. The plan never depends on the worker count, so 1 and 16 workers write the same bytes.
+
+Under a launcher (several ranks) a missing cache is never built: the run stops at start-up with the command that
+builds it. Nothing therefore runs while the other ranks wait in a collective, which NCCL's watchdog would kill
+after `ddp_timeout` (a 16B-token corpus takes hours to prepare).
+"""
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+from datasets import Dataset, Features
+from datasets.arrow_writer import ArrowWriter
+
+from utils.data import DataError, SkipCounter, WorkUnit, iter_normalized, plan_units
+
+logger = logging.getLogger("mini_qwen")
+
+# The modules on the path from files to rows: editing any of them changes every cache key, so a cache built by
+# other code is never reused. (The stage script that shapes the rows is added by each stage.)
+ROW_BUILDING_MODULES = ("utils/data.py", "utils/prepare.py", "utils/packing.py", "utils/chat.py", "utils/tokenizer.py")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DataArguments:
+    """What every stage's data step takes; each stage's script arguments extend it."""
+
+    data_files: list[str] = field(default_factory=list, metadata={"help": "data files, folders or globs"})
+    cache_dir: str = field(default="cache", metadata={"help": "where prepared data is kept for reuse"})
+    data_workers: int | None = field(default=None, metadata={
+        "help": "processes that prepare the data (default: every core of this machine)"})
+    prepare_only: bool = field(default=False, metadata={
+        "help": "prepare the data into cache_dir and exit: run it before a multi-GPU launch, or on a CPU machine"})
+    min_kept_fraction: float = field(default=0.5, metadata={
+        "help": "stop before training when fewer than this share of the records could be used (0 disables)"})
+
+
+class PrepareFirstError(DataError):
+    """A launched run found no prepared data: it stops instead of preparing while the other ranks wait."""
+
+
+def code_fingerprint(*modules: str) -> str:
+    """A hash of the source files that build the rows."""
+    digest = hashlib.sha256()
+    for module in (*ROW_BUILDING_MODULES, *modules):
+        digest.update(module.encode())
+        digest.update((REPO_ROOT / module).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's content (vocabulary, merges, added tokens, normaliser) and chat template, not its path: the
+    rebuilt tokenizer, the downloaded one and the copy saved in a checkpoint share their caches."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    digest.update(f"{tokenizer.eos_token_id}/{tokenizer.pad_token_id}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class UnitStats:
+    """What a stage's `shape` adds up besides the skip counts: tokens (for progress) and named counts (e.g. how
+    conversations were fitted)."""
+
+    tokens: int = 0
+    counts: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class Preparation:
+    """One stage's data step. `shape(record, stats)` turns a normalised record into a row of `shard_schema` (it
+    runs in the workers); `assemble(tables)` turns the shards' tables, in data order, into tables of the cache's
+    `features` (default: as they are); `extra_rows(report)` may add rows made in the main process at the end."""
+
+    name: str
+    files: list[str]
+    key: dict
+    shape: Callable[[dict, UnitStats], dict]
+    shard_schema: pa.Schema
+    features: Features
+    assemble: Callable[[Iterator[pa.Table], dict], Iterator[pa.Table]] | None = None
+    extra_rows: Callable[[dict], Iterator[dict]] | None = None
+    unit_bytes: int = 64 << 20  # line-range size for large jsonl/txt files (parquet splits by row group)
+
+
+# The preparation the workers run: set before the pool forks, so they inherit the tokenizer and the stage's closures
+# instead of pickling them (a spawned worker would re-import transformers and rebuild the tokenizer).
+_ACTIVE: Preparation | None = None
+
+
+def _prepare_unit(task: tuple[int, WorkUnit, str]) -> tuple[int, dict, UnitStats, int]:
+    index, unit, work_dir = task
+    preparation = _ACTIVE
+    counter, stats = SkipCounter(), UnitStats()
+    rows, written = [], 0
+    with pa.OSFile(str(Path(work_dir) / f"unit-{index:07d}.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, preparation.shard_schema) as writer:
+        for row in iter_normalized([unit], preparation.name, counter, lambda r: preparation.shape(r, stats)):
+            rows.append(row)
+            if len(rows) == 1000:
+                writer.write_table(pa.Table.from_pylist(rows, preparation.shard_schema))
+                written, rows = written + len(rows), []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, preparation.shard_schema))
+            written += len(rows)
+    return index, counter.to_dict(), stats, written
+
+
+def _shard_tables(work_dir: Path, index: int) -> Iterator[pa.Table]:
+    path = work_dir / f"unit-{index:07d}.arrow"
+    with pa.OSFile(str(path), "rb") as source:
+        for batch in pa.ipc.open_stream(source):
+            yield pa.Table.from_batches([batch])
+    path.unlink()
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _unit_results(units: list[WorkUnit], work_dir: Path, workers: int):
+    tasks = [(index, unit, str(work_dir)) for index, unit in enumerate(units)]
+    if workers == 1:
+        yield from map(_prepare_unit, tasks)
+        return
+    # fork: the workers inherit the tokenizer (see _ACTIVE); imap keeps data order whatever finishes first.
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_prepare_unit, tasks)
+
+
+def _merge_counts(total: SkipCounter, part: dict) -> None:
+    total.kept += part["kept"]
+    for reason, count in part["skipped"].items():
+        total.skipped[reason] += count
+        total.first_seen.setdefault(reason, part["first_seen"][reason])  # units arrive in data order
+
+
+def _no_rows_message(preparation: Preparation, report: dict) -> str:
+    records = SkipCounter.from_dict(report["records"])
+    files = ", ".join(preparation.files[:3]) + (f" and {len(preparation.files) - 3} more" if len(preparation.files) > 3
+                                                 else "")
+    reasons = "; ".join(f"{count} {reason} (first at {records.first_seen[reason]})"
+                        for reason, count in records.skipped.most_common(3))
+    detail = report.get("no_rows_hint", "")
+    return (f"{files}: no {preparation.name} samples: {records.kept} records kept, "
+            f"{sum(records.skipped.values())} skipped{': ' + reasons if reasons else ''}. {detail}").strip()
+
+
+def build(preparation: Preparation, folder: Path, workers: int) -> dict:
+    """Prepare into `folder` (data.arrow, report.json); return the report."""
+    global _ACTIVE
+    units = plan_units(preparation.files, preparation.unit_bytes)
+    work_dir = folder / "units"
+    work_dir.mkdir(parents=True)
+    records, stats = SkipCounter(), UnitStats()
+    report: dict = {}
+    rows = 0
+    started = time.perf_counter()
+    _ACTIVE = preparation
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=len(units), desc=f"prepare {preparation.name} ({workers} worker{'s' * (workers > 1)})",
+                    unit="unit", mininterval=2, file=sys.stdout)
+
+    def shard_tables() -> Iterator[pa.Table]:
+        for index, counts, unit_stats, _ in _unit_results(units, work_dir, workers):
+            _merge_counts(records, counts)
+            stats.tokens += unit_stats.tokens
+            stats.counts.update(unit_stats.counts)
+            seconds = time.perf_counter() - started
+            progress.set_postfix(records=records.kept, tokens=stats.tokens,
+                                 tokens_per_s=f"{stats.tokens / seconds:,.0f}", refresh=False)
+            progress.update()
+            yield from _shard_tables(work_dir, index)
+
+    try:
+        with ArrowWriter(path=str(folder / "data.arrow"), features=preparation.features,
+                         writer_batch_size=1000) as writer:
+            tables = preparation.assemble(shard_tables(), report) if preparation.assemble else shard_tables()
+            for table in tables:
+                writer.write_table(table)
+                rows += table.num_rows
+            report.update(records=records.to_dict(), tokens=stats.tokens, counts=dict(stats.counts))
+            if preparation.extra_rows:
+                for row in preparation.extra_rows(report):
+                    writer.write(row)
+                    rows += 1
+            if rows:
+                writer.finalize()
+    finally:
+        _ACTIVE = None
+        progress.close()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if rows == 0:
+        raise DataError(_no_rows_message(preparation, report))
+    seconds = time.perf_counter() - started
+    report["preparation"] = {"workers": workers, "units": len(units), "rows": rows, "seconds": round(seconds, 2),
+                             "tokens_per_second": round(stats.tokens / seconds) if seconds else None}
+    logger.info("prepared %s data: %d units, %d records, %d tokens, %d rows in %.1f s (%s tokens/s, %d workers)",
+                preparation.name, len(units), records.kept, stats.tokens, rows, seconds,
+                f"{stats.tokens / seconds:,.0f}" if seconds else "-", workers)
+    return report
+
+
+def prepare_command(extra: str = "--prepare_only") -> str:
+    """This run's own command line as one plain-`python` process, with `extra` appended."""
+    return shlex.join(["python", sys.argv[0], *sys.argv[1:], extra])
+
+
+def check_kept_fraction(preparation: Preparation, report: dict, min_kept_fraction: float) -> None:
+    """A run whose data is mostly skipped stops: training on what is left (say, only the identity set) would look
+    like success."""
+    records = SkipCounter.from_dict(report["records"])
+    total = records.kept + sum(records.skipped.values())
+    if total and records.kept < min_kept_fraction * total:
+        reasons = "; ".join(f"{count} {reason} (first at {records.first_seen[reason]})"
+                            for reason, count in records.skipped.most_common(3))
+        raise DataError(f"{preparation.files[0]}{' and the other files' if len(preparation.files) > 1 else ''}: only "
+                        f"{records.kept} of {total} {preparation.name} records are usable ({records.kept / total:.0%}, "
+                        f"below min_kept_fraction {min_kept_fraction}): skipped {reasons}. Fix the data, or lower "
+                        "--min_kept_fraction if that is really what you want.")
+
+
+def prepare_or_load(preparation: Preparation, cache_dir: str, workers: int | None, world_size: int,
+                    min_kept_fraction: float = 0.5) -> tuple[Dataset, dict]:
+    """The cached dataset for `preparation.key`, building it first (with `workers` processes, default every core)
+    when this is a single process. Several ranks never build: they stop with the command that does (see the module
+    docstring). Either way a dataset with too few usable records stops here (check_kept_fraction)."""
+    cache_root = Path(cache_dir)
+    final = cache_root / f"{preparation.name}-{cache_key(preparation.key)}"
+    if (final / "report.json").exists():
+        logger.info("[cache] reusing prepared %s data from %s (no tokenization needed)", preparation.name, final)
+        report = json.loads((final / "report.json").read_text())
+        check_kept_fraction(preparation, report, min_kept_fraction)
+        return Dataset.from_file(str(final / "data.arrow")), report
+    if world_size > 1:
+        raise PrepareFirstError(
+            f"{final}: no prepared {preparation.name} data for this configuration, and a launch with {world_size} "
+            f"processes does not prepare it (the other ranks would wait in a collective that times out). "
+            f"Prepare it first, with every core, then launch again:\n  {prepare_command()}")
+    workers = workers or default_workers()
+    partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        report = build(preparation, partial, workers)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    (partial / "key.json").write_text(json.dumps(preparation.key, indent=2, default=str, ensure_ascii=False))
+    (partial / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if final.exists():  # built meanwhile by another process with the same key: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.rename(final)
+    logger.info("[cache] prepared %s data written to %s", preparation.name, final)
+    report = json.loads((final / "report.json").read_text())
+    check_kept_fraction(preparation, report, min_kept_fraction)
+    return Dataset.from_file(str(final / "data.arrow")), report

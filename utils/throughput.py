@@ -1,0 +1,182 @@
+"""Throughput at every logging step of every stage: tokens/s, MFU, ETA, peak GPU memory, tokens seen.
+
+ThroughputCallback adds to the `logs` of each training log (so the console, trainer_state.json's log_history and
+every `report_to` integration get them), over the logging window since the previous log, not the run's mean:
+
+- `tokens_per_second`: real tokens of all ranks per second; `tokens_per_second_per_device`: that / world size;
+- `mfu`: model FLOP/s per device / the device's peak (absent on CPU, unless `peak_tflops` gives a peak);
+- `eta_seconds`: steps left x this window's seconds per step (the console line says it as "1h02m");
+- `peak_gpu_memory_gib`: the most memory allocated on any rank since the previous log (GPU only; the peak is reset
+  after each read);
+- `tokens_seen`: real tokens of all ranks since the start of the run, kept in checkpoints across a resume.
+
+Counting tokens. The Trainer's own counter (`include_num_input_tokens_seen`, transformers 5.24
+`Trainer._track_num_input_tokens`) is not used: its "non_padding" mode sums `attention_mask` whenever the batch has
+one, which is right for DPO's and unpacked SFT's 2D masks but not for the 4D block-diagonal mask that PT
+`packing: document` and SFT `packing` / `padding_free` get on sdpa or eager attention (utils/packing.py): it would
+count T x T attention entries per row (about T/2 times too many for sdpa's bool mask, nonsense for eager's float
+one); it counts only in the mode a recipe picks ("all", what `true` means, counts padding); and it gathers and
+copies the count to the host after every micro-batch, a GPU sync. Instead a forward pre-hook on the model counts
+each training forward (training mode with gradients: evaluation and DPO's reference forward are not counted) on
+the device, without a sync, by one rule for all stages' batches:
+- a 2D `attention_mask` (PT `packing: none`, SFT unpacked, DPO's chosen + rejected rows): its ones;
+- else `position_ids` (packed rows, documents told apart by positions restarting at 0; any 4D mask is built from
+  them): every position (TRL's `pad_to_multiple_of`, off by default, would add its few pad positions);
+- else (PT `concat` blocks, no padding): every input token.
+The ranks add their counts with one all-reduce of two numbers per optimizer step (as SigtermCallback does), so a
+checkpoint, which can be written at any step, holds the exact total.
+
+MFU = tokens/s per device x FLOPs per token / peak FLOP/s, with FLOPs per token = 6·N + 12·L·H·S (forward and
+backward): N = every parameter, embeddings included (the 1B and tiny models tie the embedding to the output head,
+which makes it one matmul of the head), L layers, H hidden size, S the attention length. Attention is included: S
+is each token's sequence (document, in packed rows) length, averaged over the window's tokens (sum n^2 / sum n),
+and causal masking is not subtracted. A DPO step that runs the reference model (`precompute_ref_log_probs:
+false`) adds its forward, 2·N + 4·L·H·S. Activation checkpointing's recomputation is not counted (MFU, not
+hardware FLOPs utilisation), and 6·N overstates LoRA, whose frozen weights get no weight gradient. Padding costs
+compute but is not counted: this is the useful work's utilisation. Peak: bf16 dense TFLOP/s by GPU name
+(PEAK_TFLOPS; fp16 for the T4 and V100, which have no bf16), or `peak_tflops` for a GPU the table lacks.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+logger = logging.getLogger("mini_qwen")
+
+# bf16 dense peak TFLOP/s per GPU, by a part of its name (the longest part found in the name wins: "H100 PCIe"
+# before "H100"). The T4 and V100 have no bf16: their fp16 peak, which bf16 falls back to (utils/modeling.py).
+PEAK_TFLOPS = {"H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H800": 989.0, "H200": 989.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
+
+
+@dataclass
+class ThroughputArguments:
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "peak TFLOP/s of one device for the logged MFU; default: the bf16 dense peak of a known GPU "
+                "(utils/throughput.py PEAK_TFLOPS), none (no MFU) for other GPUs and on CPU"})
+
+
+def peak_flops(device_name: str) -> float | None:
+    known = [key for key in PEAK_TFLOPS if key in device_name]
+    return PEAK_TFLOPS[max(known, key=len)] * 1e12 if known else None
+
+
+def flops_per_token(config, parameters: int, seq_len: float, reference_forward: bool = False) -> float:
+    """Training FLOPs per token (see the module docstring): the backward costs twice the forward."""
+    forward = 2 * parameters + 4 * config.num_hidden_layers * config.hidden_size * seq_len
+    return (4 if reference_forward else 3) * forward
+
+
+def batch_token_counts(inputs: dict):
+    """(real tokens, sum of squared sequence lengths) of one model input, as tensors or ints (no host sync)."""
+    input_ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        lengths = mask.sum(-1)
+        return lengths.sum(), (lengths * lengths).sum()
+    positions = inputs.get("position_ids")
+    if positions is not None:
+        # A document of n tokens holds positions 0..n-1, whose (position + 1) add up to n(n + 1) / 2.
+        return positions.numel(), 2 * (positions + 1).sum() - positions.numel()
+    rows, length = input_ids.shape
+    return input_ids.numel(), rows * length * length
+
+
+def human_duration(seconds: float) -> str:
+    """1h02m, 12m05s, 45s; 2d03h beyond a day."""
+    seconds = int(seconds)
+    days, hours, minutes = seconds // 86400, seconds // 3600 % 24, seconds // 60 % 60
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
+
+
+def human_count(value: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+class ThroughputCallback(TrainerCallback, ExportableState):
+    """See the module docstring. It must come before the reporting integrations in the Trainer's callback list
+    (utils.training.train_and_save puts it first): they read `logs` in the same on_log call."""
+
+    def __init__(self, peak_tflops: float | None = None):
+        self.peak_tflops = peak_tflops
+        self.tokens_seen = 0  # all ranks, up to the previous log
+
+    def state(self) -> dict:
+        unlogged = int(self._window[0]) if getattr(self, "_window", None) is not None else 0
+        return {"args": {"peak_tflops": self.peak_tflops}, "attributes": {"tokens_seen": self.tokens_seen + unlogged}}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__, {})
+        self.tokens_seen = saved.get("attributes", {}).get("tokens_seen", 0)  # a resumed run's checkpoint
+        self.config = model.config
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.reference_forward = getattr(args, "precompute_ref_log_probs", True) is False  # DPOConfig only
+        self.on_gpu = args.device.type == "cuda"
+        self.peak = self.peak_tflops * 1e12 if self.peak_tflops else (
+            peak_flops(torch.cuda.get_device_name(args.device)) if self.on_gpu else None)
+        self.distributed = args.world_size > 1 and torch.distributed.is_initialized()
+        # [tokens, sum of squared sequence lengths]: this rank's since the step began, all ranks' since the last log
+        self._step = torch.zeros(2, dtype=torch.int64, device=args.device)
+        self._window = torch.zeros(2, dtype=torch.int64, device=args.device)
+        self._window_start, self._window_step = time.perf_counter(), state.global_step
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats(args.device)
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled() and kwargs.get("input_ids") is not None:
+            tokens, squared_lengths = batch_token_counts(kwargs)
+            self._step[0] += tokens
+            self._step[1] += squared_lengths
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.distributed:
+            torch.distributed.all_reduce(self._step)
+        self._window += self._step
+        self._step.zero_()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        steps = state.global_step - self._window_step
+        if "loss" not in logs or steps <= 0:  # the end-of-training summary, evaluation
+            return
+        seconds = time.perf_counter() - self._window_start
+        tokens, squared_lengths = self._window.tolist()
+        self.tokens_seen += tokens
+        throughput = {"tokens_per_second": round(tokens / seconds, 1),
+                      "tokens_per_second_per_device": round(tokens / seconds / args.world_size, 1),
+                      "eta_seconds": round((state.max_steps - state.global_step) * seconds / steps),
+                      "tokens_seen": self.tokens_seen}
+        if self.peak and tokens:
+            flops = flops_per_token(self.config, self.parameters, squared_lengths / tokens, self.reference_forward)
+            throughput["mfu"] = round(throughput["tokens_per_second_per_device"] * flops / self.peak, 4)
+        if self.on_gpu:
+            peak_memory = torch.tensor([torch.cuda.max_memory_allocated(args.device)], device=args.device)
+            if self.distributed:
+                torch.distributed.all_reduce(peak_memory, op=torch.distributed.ReduceOp.MAX)
+            throughput["peak_gpu_memory_gib"] = round(peak_memory.item() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(args.device)
+        logs.update(throughput)
+        state.log_history[-1].update(throughput)  # the Trainer appended this log before calling on_log
+        if state.is_world_process_zero:
+            logger.info("step %d/%d: %s tokens/s (%s per device)%s%s, %s tokens seen, ETA %s", state.global_step,
+                        state.max_steps, human_count(throughput["tokens_per_second"]),
+                        human_count(throughput["tokens_per_second_per_device"]),
+                        f", MFU {throughput['mfu']:.1%}" if "mfu" in throughput else "",
+                        f", peak {throughput['peak_gpu_memory_gib']} GiB" if self.on_gpu else "",
+                        human_count(self.tokens_seen), human_duration(throughput["eta_seconds"]))
+        self._window.zero_()
+        self._window_start, self._window_step = time.perf_counter(), state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._hook.remove()
