@@ -34,12 +34,13 @@ from utils.modeling import build_model
 from utils.peft_utils import apply_lora
 from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare_or_load,
                            tokenizer_fingerprint)
+from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_stage_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
-class DPOScriptArguments(DataArguments):
+class DPOScriptArguments(DataArguments, ThroughputArguments):
     data_files: list[str] = field(default_factory=lambda: ["mini_data/dpo"], metadata={
         "help": "preference files, folders or globs (Infinity-Preference, prompt/chosen/rejected strings, ShareGPT)"})
     init_from: str = field(default="results/sft", metadata={"help": "the SFT checkpoint to optimise"})
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None):
     model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
-    callbacks = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"))
+    callbacks = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"), script_args)
     trainer = with_skip_samples(PreparedDPOTrainer, crash_args)(
         model=model,
         ref_model=None,  # TRL builds the frozen reference itself (or disables the adapters under LoRA)

@@ -17,7 +17,6 @@ Decoding defaults come from the checkpoint's generation_config; every flag overr
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,12 @@ from threading import Thread
 
 import utils  # noqa: F401  (first: it silences import-time noise, see utils/__init__.py)
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, TextIteratorStreamer
+from transformers import GenerationConfig, TextIteratorStreamer
 
 from utils.checkpoint import STAGE_FILE
 from utils.config import repo_path
-from utils.metrics import bits_per_byte, repetition_report
-from utils.modeling import pick_attention
-from utils.tokenizer import load_tokenizer
+from utils.metrics import heldout_metrics, repetition_report
+from utils.modeling import load_checkpoint
 
 # The original's four prompts, and a few more in both languages.
 DEFAULT_PROMPTS = [
@@ -67,14 +65,6 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="sampling seed, for reports that can be repeated")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return parser.parse_args(argv)
-
-
-def load_model(path: str, device: str):
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing)")
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=pick_attention("auto"))
-    return model.to(device).eval(), load_tokenizer(path)
 
 
 def checkpoint_mode(path: str, requested: str) -> str:
@@ -160,33 +150,12 @@ def read_prompts(spec: str) -> list[str]:
     return [line.replace("\\n", "\n") for line in lines]
 
 
-def heldout_metrics(model, tokenizer, path: str, block_size: int = 1024) -> dict:
-    """Token-level loss over the whole file in blocks, and bits per byte (comparable across tokenizers)."""
-    text = Path(repo_path(path)).read_text(encoding="utf-8")
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-    total_nll, predicted = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, block_size):
-            block = torch.tensor([ids[start: start + block_size + 1]], device=model.device)
-            if block.shape[1] < 2:
-                break
-            logits = model(block[:, :-1]).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits[0], block[0, 1:], reduction="sum")
-            total_nll += nll.item()
-            predicted += block.shape[1] - 1
-    # The first token is never predicted; its bytes are left out of the denominator.
-    scored_bytes = len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1]).encode("utf-8"))
-    return {"tokens": predicted, "loss": total_nll / max(predicted, 1),
-            "perplexity": math.exp(total_nll / max(predicted, 1)),
-            "bits_per_byte": bits_per_byte(total_nll, scored_bytes)}
-
-
 def batch_report(models: list[str], args) -> dict:
     prompts = read_prompts(args.prompts)
     penalties = args.sweep_repetition_penalty or [None]
     report = {"prompts": prompts, "runs": []}
     for path in models:
-        model, tokenizer = load_model(path, args.device)
+        model, tokenizer = load_checkpoint(path, args.device)
         mode = checkpoint_mode(path, args.mode)
         for penalty in penalties:
             config = decoding_config(model, args, penalty)
@@ -205,7 +174,7 @@ def batch_report(models: list[str], args) -> dict:
                    "looping_share": sum(o["repetition"]["looping"] for o in outputs) / len(outputs),
                    "mean_distinct_2": sum(o["repetition"]["distinct_2"] for o in outputs) / len(outputs)}
             if args.eval_text:
-                run["heldout"] = heldout_metrics(model, tokenizer, args.eval_text)
+                run["heldout"] = heldout_metrics(model, tokenizer, repo_path(args.eval_text))
             report["runs"].append(run)
             print(f"{path} (rp={config.repetition_penalty}): looping {run['looping_share']:.0%}, "
                   f"distinct-2 {run['mean_distinct_2']:.2f}, {run['tokens_per_second']:.1f} tokens/s", flush=True)
@@ -237,13 +206,13 @@ def main(argv=None):
     if args.prompts is None and args.eval_text is None:
         if len(models) != 1:
             sys.exit("interactive chat takes one --model_path; use --prompts for a comparison")
-        model, tokenizer = load_model(models[0], args.device)
+        model, tokenizer = load_checkpoint(models[0], args.device)
         interactive(model, tokenizer, checkpoint_mode(models[0], args.mode), args)
         return
     if args.prompts is None:
         for path in models:
-            model, tokenizer = load_model(path, args.device)
-            print(json.dumps({"model": path, **heldout_metrics(model, tokenizer, args.eval_text)}))
+            model, tokenizer = load_checkpoint(path, args.device)
+            print(json.dumps({"model": path, **heldout_metrics(model, tokenizer, repo_path(args.eval_text))}))
         return
     report = batch_report(models, args)
     output_dir = Path(repo_path(args.output_dir))

@@ -33,12 +33,13 @@ from utils.modeling import build_model, check_weight_precision, stochastic_round
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_preparation
 from utils.peft_utils import apply_lora
 from utils.prepare import DataArguments, code_fingerprint, prepare_or_load, tokenizer_fingerprint
+from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
-class PretrainArguments(DataArguments):
+class PretrainArguments(DataArguments, ThroughputArguments):
     # data (and cache_dir, data_workers, prepare_only from DataArguments)
     data_files: list[str] = field(default_factory=lambda: ["mini_data/pt"], metadata={
         "help": "pretraining files, folders or globs (parquet/jsonl/json/txt with a `text` column)"})
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None):
                         script_args.attn_implementation, training_args.seed, script_args.weights_dtype)
     model = apply_lora(model, lora_args, logger)
 
-    callbacks = stage_callbacks(crash_args)
+    callbacks = stage_callbacks(crash_args, throughput_args=script_args)
     trainer = with_skip_samples(Trainer, crash_args)(
         model=model,
         args=training_args,

@@ -40,12 +40,13 @@ from utils.packing import DocumentMaskCollator
 from utils.peft_utils import apply_lora
 from utils.prepare import (DataArguments, Preparation, UnitStats, code_fingerprint, default_workers, prepare_or_load,
                            tokenizer_fingerprint)
+from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_stage_tokenizer
 from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
 
 
 @dataclass
-class SFTScriptArguments(DataArguments):
+class SFTScriptArguments(DataArguments, ThroughputArguments):
     data_files: list[str] = field(default_factory=lambda: ["mini_data/sft"], metadata={
         "help": "conversation files, folders or globs (Infinity-Instruct, ShareGPT, messages, alpaca, prompt/response)"})
     init_from: str = field(default="results/pt", metadata={"help": "the pretrained checkpoint to fine-tune"})
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None):
     model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
     model = apply_lora(model, lora_args, logger)
 
-    callbacks = stage_callbacks(crash_args)
+    callbacks = stage_callbacks(crash_args, throughput_args=script_args)
     trainer = with_skip_samples(SFTTrainer, crash_args)(
         model=model,
         args=training_args,

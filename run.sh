@@ -65,12 +65,13 @@ pipeline() {  # pipeline RESULTS_DIR [PT flags...]: PT -> SFT -> DPO -> eval, ea
   stage dpo
   python mini_qwen_eval.py --model_path "$results/pt" "$results/sft" "$results/dpo" --prompts default \
     --output_dir "$results/eval" ${recipe_prefix:+--max_new_tokens 48}
+  python -m utils.report pipeline "$results"
 }
 
 demo() {
   recipe_prefix=demo_
   pipeline results/demo "$@"
-  echo "demo finished: checkpoints and loss.png in results/demo/{pt,sft,dpo}, report in results/demo/eval/report.md"
+  echo "demo finished: checkpoints, loss.png and report.md in results/demo/{pt,sft,dpo}; results/demo/report.md links them"
 }
 
 all() {
@@ -81,7 +82,7 @@ case $command in
   demo|all) target=$command ;;
   pt|sft|dpo) target="stage $command" ;;
   eval) target="python mini_qwen_eval.py" ;;
-  ablation) target="python utils/ablation.py" ;;
+  ablation) target="python -m utils.ablation" ;;
   -h|--help) usage 0 ;;
   *) echo "run.sh: unknown command '$command'" >&2; usage 2 ;;
 esac

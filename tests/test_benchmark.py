@@ -32,13 +32,17 @@ def test_mfu_formula_and_peak_table():
     assert peak_flops("some CPU") is None
 
 
-def test_data_prep_benchmark_compares_both_pipelines():
+def test_data_prep_benchmark_compares_both_pipelines_and_worker_counts():
+    from utils.data import load_records
+
     results = main(["data_prep", "--corpus", str(REPO / "mini_data" / "pt"), "--repeat", "1",
-                    "--block_size", "128"])
-    assert [r["pipeline"] for r in results] == ["ours", "original"]
-    ours, original = results
-    assert ours["documents"] == original["documents"] == 200
-    assert ours["tokens"] >= original["tokens"]  # the original drops a tail per 5,000-document map batch
+                    "--block_size", "128", "--workers", "1", "2"])
+    assert [(r["pipeline"], r["workers"]) for r in results] == [("ours", 1), ("ours", 2), ("original", 1)]
+    one_worker, two_workers, original = results
+    documents = len(load_records(str(REPO / "mini_data" / "pt"), "pt")[0])
+    assert one_worker["documents"] == original["documents"] == documents
+    assert one_worker["tokens"] == two_workers["tokens"] >= original["tokens"]  # the original drops map-batch tails
+    assert two_workers["worker_peak_rss_mb"] > 0 and one_worker["worker_peak_rss_mb"] is None
     assert all(r["tokens_per_second"] > 0 and r["peak_rss_mb"] > 0 for r in results)
 
 

@@ -4,8 +4,6 @@ entry points, a run that would train on little of its data, and caches that foll
 import gzip
 import json
 
-import pytest
-
 from conftest import REPO
 from utils.data import load_records
 from utils.errors import run_main

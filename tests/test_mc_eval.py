@@ -294,10 +294,10 @@ def test_cli_writes_markdown_and_json(tmp_path, zh_benchmark, tokenizer, tiny_mo
     tiny_model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     result = subprocess.run(
-        [sys.executable, str(REPO / "utils" / "mc_eval.py"), "--model_path", str(checkpoint),
+        [sys.executable, "-m", "utils.mc_eval", "--model_path", str(checkpoint),
          "--data", str(zh_benchmark / "val"), "--shots", "1", "--chat-template", "--limit", "2",
          "--subjects", "math", "--output", str(tmp_path / "report"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))
     assert report["settings"]["dev"] == [str(zh_benchmark / "dev")]  # found beside val

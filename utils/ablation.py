@@ -1,7 +1,7 @@
 """The original's pretraining experiments, repeatable: pt1-pt3 as it ran them, plus pt4.
 
     bash run.sh ablation                                   # mini_data, tiny model, CPU: a few minutes
-    python utils/ablation.py --data_root data/pt --config configs/pt.yaml --max_steps 2000 --output_dir results/ablation
+    python -m utils.ablation --data_root data/pt --config configs/pt.yaml --max_steps 2000 --output_dir results/ablation
 
 | run | data | packing | what it tests |
 |---|---|---|---|
@@ -10,7 +10,7 @@
 | pt3 | zh + en | none | adding English (the original's pt3) |
 | pt4 | zh + en | document: packed, attention kept inside each document | ours |
 
-Every run is the real PT stage (mini_qwen_pt.main) with the same recipe and only data/packing changed. The result
+Every run is the real PT stage (mini_qwen_pt.py, as a subprocess) with the same recipe and only data/packing changed. The result
 is an overlay of the loss curves against tokens processed (ablation_loss.png), beside the original's own logged
 pt1-pt3 curves when its logs are given, and a table (ablation.md): final loss, held-out bits per byte, tokens
 processed and padding fraction.
@@ -19,15 +19,13 @@ processed and padding fraction.
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from utils.config import repo_path  # noqa: E402
-from utils.plot_loss import plot_runs, read_log_history  # noqa: E402
+from utils.config import repo_path, run_stage
+from utils.plot_loss import plot_runs, read_log_history
 
 RUNS = {
     "pt1": ("zh", "none"),
@@ -47,8 +45,6 @@ def data_folders(data_root: str, languages: str) -> list[str]:
 
 
 def run_one(name: str, args) -> Path:
-    from mini_qwen_pt import main as pretrain
-
     languages, packing = RUNS[name]
     output_dir = Path(repo_path(args.output_dir)) / name
     flags = ["--config", repo_path(args.config), "--output_dir", str(output_dir), "--packing", packing,
@@ -56,14 +52,15 @@ def run_one(name: str, args) -> Path:
              "--resume_from_checkpoint", "", "--report_to", "none", *args.extra]
     if args.max_steps:
         flags += ["--max_steps", str(args.max_steps)]
-    pretrain(flags)
+    run_stage("pt", flags)
     return output_dir
 
 
 def heldout_bits_per_byte(run_dir: Path, heldout: str) -> float:
-    from mini_qwen_eval import heldout_metrics, load_model
+    from utils.metrics import heldout_metrics
+    from utils.modeling import load_checkpoint
 
-    model, tokenizer = load_model(str(run_dir), "cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_checkpoint(str(run_dir), "cuda" if torch.cuda.is_available() else "cpu")
     return heldout_metrics(model, tokenizer, heldout)["bits_per_byte"]
 
 
@@ -101,7 +98,7 @@ def main(argv=None):
         losses = [e["loss"] for e in history if "loss" in e]
         tokens = max((e.get("num_input_tokens_seen", 0) for e in history), default=0)
         rows.append({"run": name, "data": languages, "packing": packing, "final_loss": losses[-1],
-                     "heldout_bits_per_byte": heldout_bits_per_byte(run_dir, args.heldout_text),
+                     "heldout_bits_per_byte": heldout_bits_per_byte(run_dir, repo_path(args.heldout_text)),
                      "tokens_processed": tokens, "steps": max(e.get("step", 0) for e in history),
                      "padding_fraction": json.loads((run_dir / "data_report.json").read_text())["packing"][
                          "padding_fraction"]})

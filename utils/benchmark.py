@@ -1,16 +1,16 @@
 """Measure what a training stage costs: tokens/s per device, MFU, peak memory, step-time spread; and the data prep.
 
     # one GPU, the real 1B config, our recipe vs. the original's, one JSON line + one Markdown row each
-    python utils/benchmark.py step --stage pt --recipe ours --steps 20
-    python utils/benchmark.py step --stage pt --recipe original --steps 20
-    python utils/benchmark.py step --stage sft --padding_free            # vs. without the flag: padded batches
-    python utils/benchmark.py step --stage dpo --precompute_ref            # vs. a reference forward every step
+    python -m utils.benchmark step --stage pt --recipe ours --steps 20
+    python -m utils.benchmark step --stage pt --recipe original --steps 20
+    python -m utils.benchmark step --stage sft --padding_free            # vs. without the flag: padded batches
+    python -m utils.benchmark step --stage dpo --precompute_ref            # vs. a reference forward every step
     # CPU: tokenize + pack throughput of our streaming pipeline vs. the original's datasets.map approach
-    python utils/benchmark.py data_prep --corpus mini_data/pt --repeat 20
-    python utils/benchmark.py data_prep --pipelines ours --workers 1 2 --repeat 200   # 1 vs 2 worker processes
-    python utils/benchmark.py data_prep --stage sft --corpus mini_data/sft --repeat 40 --workers 1 2
+    python -m utils.benchmark data_prep --corpus mini_data/pt --repeat 20
+    python -m utils.benchmark data_prep --pipelines ours --workers 1 2 --repeat 200   # 1 vs 2 worker processes
+    python -m utils.benchmark data_prep --stage sft --corpus mini_data/sft --repeat 40 --workers 1 2
     # the lean preset's loss curve against full precision (any PT flags after the options go to both runs)
-    python utils/benchmark.py lean_curve --config configs/demo_pt.yaml --max_steps 200
+    python -m utils.benchmark lean_curve --config configs/demo_pt.yaml --max_steps 200
 
 The step benchmark drives the model and optimizer directly on synthetic token ids (the data pipeline is measured
 separately by `data_prep`): forward with loss, backward, clip, AdamW step. Presets:
@@ -40,12 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from utils.config import REPO_ROOT, repo_path  # noqa: E402
-from utils.throughput import flops_per_token, peak_flops  # noqa: E402
+from utils.config import REPO_ROOT, repo_path, run_stage
+from utils.throughput import flops_per_token, peak_flops
 
 
 def versions() -> dict:
@@ -280,24 +279,25 @@ def conversation_prep_benchmark(args) -> list[dict]:
     times, once per --workers value: records per second of the data step itself (tokenizer loading excluded)."""
     import tempfile
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from utils.data import resolve_data_files
 
     work = Path(tempfile.mkdtemp(prefix="mini_qwen_bench_", dir=args.work_dir))
+    corpus = work / "corpus"
+    corpus.mkdir()
     results = []
     try:
         for index, source in enumerate(resolve_data_files([repo_path(args.corpus)])):
             table = pq.read_table(source)
             # Row groups of one copy each: work units the size of the source file.
-            with pq.ParquetWriter(work / f"corpus-{index}.parquet", table.schema) as writer:
+            with pq.ParquetWriter(corpus / f"part-{index}.parquet", table.schema) as writer:
                 for _ in range(args.repeat):
                     writer.write_table(table)
         for workers in args.workers:
             output = subprocess.run(
                 [sys.executable, str(REPO_ROOT / f"mini_qwen_{args.stage}.py"), "--config",
-                 str(REPO_ROOT / "configs" / f"{args.stage}.yaml"), "--data_files", str(work), "--prepare_only",
+                 str(REPO_ROOT / "configs" / f"{args.stage}.yaml"), "--data_files", str(corpus), "--prepare_only",
                  "--data_workers", str(workers), "--cache_dir", str(work / f"cache-{workers}"),
                  "--output_dir", str(work / f"out-{workers}"), *(["--identity_repeat", "0"] if args.stage == "sft"
                                                                  else [])],
@@ -340,8 +340,8 @@ def data_prep_benchmark(args) -> list[dict]:
     try:
         for which, workers in runs:
             output = subprocess.run(
-                [sys.executable, __file__, "_prep_child", which, str(work / "corpus.parquet"), str(args.block_size),
-                 str(work / which), str(workers)], capture_output=True, text=True,
+                [sys.executable, "-m", "utils.benchmark", "_prep_child", which, str(work / "corpus.parquet"),
+                 str(args.block_size), str(work / which), str(workers)], capture_output=True, text=True, cwd=REPO_ROOT,
                 preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None)
             if output.returncode:
                 raise SystemExit(f"{which} failed (exit {output.returncode}; -9 is the memory cap):\n"
@@ -369,7 +369,6 @@ LEAN_FLAGS = {  # the numerics configs/pt_lean.yaml changes, with bf16 or 8-bit 
 def lean_curve_benchmark(args) -> dict:
     """The same PT run twice, full precision and with the lean preset's numerics, and how far apart their loss
     curves are: the largest relative gap between their `--window`-step means, and the final window's gap."""
-    from mini_qwen_pt import main as pretrain
     from utils.ablation import heldout_bits_per_byte
     from utils.plot_loss import plot_runs, read_log_history
 
@@ -377,9 +376,9 @@ def lean_curve_benchmark(args) -> dict:
     histories, curves, heldout = {}, {}, {}
     for name, flags in (("full precision", []), ("lean", LEAN_FLAGS[args.lean_moments])):
         run_dir = output_dir / name.replace(" ", "_")
-        pretrain(["--config", repo_path(args.config), "--output_dir", str(run_dir), "--max_steps", str(args.max_steps),
-                  "--logging_steps", "1", "--save_strategy", "no", "--resume_from_checkpoint", "", "--report_to",
-                  "none", *args.extra, *flags])
+        run_stage("pt", ["--config", repo_path(args.config), "--output_dir", str(run_dir), "--max_steps",
+                         str(args.max_steps), "--logging_steps", "1", "--save_strategy", "no",
+                         "--resume_from_checkpoint", "", "--report_to", "none", *args.extra, *flags])
         histories[name] = read_log_history(run_dir)
         curves[name] = [e["loss"] for e in histories[name] if "loss" in e]
         heldout[name] = round(heldout_bits_per_byte(run_dir, repo_path(args.heldout_text)), 4)

@@ -1,6 +1,6 @@
 """SFT data cleaning (seed 002): tidy, filter and de-duplicate SFT conversations into one jsonl the stages read.
 
-    python utils/clean_sft_data.py INPUT... --output cleaned.jsonl [--report report.md]
+    python -m utils.clean_sft_data INPUT... --output cleaned.jsonl [--report report.md]
         [--filler-words FILE] [--sensitive-words FILE] [--sensitive-action drop|mask]
         [--min-chars N] [--max-chars N] [--near-dup-threshold 0.85] [--examples 3]
 
@@ -47,15 +47,13 @@ import hashlib
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.data import (  # noqa: E402
+from utils.data import (
     DataError, SkipCounter, SkipRecord, iter_file_records, normalize_sft, resolve_data_files,
 )
 

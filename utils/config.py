@@ -7,10 +7,13 @@ any working directory (the original had to be started from the repo root).
 
 import logging
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from trl import TrlParser
 
@@ -25,7 +28,29 @@ def repo_path(path: str | None) -> str | None:
     return str(REPO_ROOT / path)
 
 
+def run_stage(stage: str, argv: list[str]) -> None:
+    """Run a stage script (mini_qwen_<stage>.py) as its own process, the way a user runs it: tools drive the stages
+    this way rather than importing them, so utils/ never depends on a top-level script."""
+    command = [sys.executable, str(REPO_ROOT / f"mini_qwen_{stage}.py"), *argv]
+    if subprocess.run(command).returncode:
+        raise SystemExit(f"{stage} stage failed: {shlex.join(command)}")
+
+
+def _prepare_only(argv: list[str]) -> bool:
+    for index, arg in enumerate(argv):
+        if arg.startswith("--prepare_only="):
+            return arg.split("=", 1)[1].lower() in ("true", "1", "yes")
+        if arg == "--prepare_only":
+            return index + 1 == len(argv) or argv[index + 1].lower() not in ("false", "0", "no")
+    return False
+
+
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _prepare_only(argv) and not torch.cuda.is_available():
+        # Preparing data needs no GPU (it is meant to run on a CPU machine), but TrainingArguments refuses a
+        # GPU recipe's bf16 where there is none: the trainer's device is the CPU for this run.
+        argv += ["--use_cpu", "true"]
     # accelerate passes accelerate_config.yaml's relative DeepSpeed JSON path on as is; anchor it to the repo too.
     deepspeed_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if deepspeed_file:

@@ -1,17 +1,14 @@
 """Print a few normalised records of any dataset, with the skip counts: what a stage will actually see.
 
-    python utils/demo_view_data.py mini_data/sft --kind sft
-    python utils/demo_view_data.py data/pt/news_media/chinese/high --kind pt -n 2
+    python -m utils.demo_view_data mini_data/sft --kind sft
+    python -m utils.demo_view_data data/pt/news_media/chinese/high --kind pt -n 2
 """
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.data import SHAPES, SkipCounter, iter_normalized, resolve_data_files  # noqa: E402
+from utils.data import SHAPES, SkipCounter, iter_normalized, resolve_data_files
 
 
 def main(argv=None):

@@ -1,15 +1,15 @@
 """Multiple-choice benchmarks (C-Eval, CMMLU, MMLU) scored by log-likelihood: accuracy per subject and benchmark.
 
     # C-Eval val, zero-shot, plain text prompt (for pretraining checkpoints)
-    python utils/mc_eval.py --model_path results/pt --data data/eval/ceval/val
+    python -m utils.mc_eval --model_path results/pt --data data/eval/ceval/val
     # 5-shot from the dev split, prompt wrapped in the chat template (for SFT / DPO checkpoints)
-    python utils/mc_eval.py --model_path results/sft --data data/eval/ceval/val --dev data/eval/ceval/dev \\
+    python -m utils.mc_eval --model_path results/sft --data data/eval/ceval/val --dev data/eval/ceval/dev \\
         --shots 5 --chat-template --output results/sft/mc_eval
     # several benchmarks in one report (--dev pairs with --data by position), a quick look at two subjects
-    python utils/mc_eval.py --model_path results/sft --data data/eval/ceval/val data/eval/mmlu/val \\
+    python -m utils.mc_eval --model_path results/sft --data data/eval/ceval/val data/eval/mmlu/val \\
         --dev data/eval/ceval/dev data/eval/mmlu/dev --shots 5 --subjects computer_network,abstract_algebra --limit 20
     # reference scoring: the summed log-likelihood of each option's text instead of its letter
-    python utils/mc_eval.py --model_path results/pt --data data/eval/mmlu/val --score full
+    python -m utils.mc_eval --model_path results/pt --data data/eval/mmlu/val --score full
 
 Published scores of one model differ by up to 17 points across protocols, so a number from this harness is only
 comparable with numbers made by exactly this protocol:
@@ -63,9 +63,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python utils/mc_eval.py`
 
-from utils.config import repo_path  # noqa: E402
+from utils.config import repo_path
 
 LETTERS = ("A", "B", "C", "D")
 CHANCE = 1 / len(LETTERS)
@@ -462,10 +461,10 @@ def main(argv=None):
         if unknown:
             sys.exit(f"unknown subjects: {', '.join(sorted(unknown))}")
 
-    from mini_qwen_eval import load_model  # after the data checks: loading a model takes a while
+    from utils.modeling import load_checkpoint  # after the data checks: loading a model takes a while
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer = load_model(repo_path(args.model_path), device)
+    model, tokenizer = load_checkpoint(repo_path(args.model_path), device)
     scorer = LikelihoodScorer(tokenizer, model_logprobs(model), args.chat_template, args.score)
 
     def progress(result: SubjectResult) -> None:

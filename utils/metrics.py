@@ -24,6 +24,9 @@ when it holds an immediate repeat spanning at least LOOPING_IMMEDIATE_REPEAT_UNI
 
 import math
 import re
+from pathlib import Path
+
+import torch
 
 # Scripts written without spaces between words (CJK ideographs with their extensions, Japanese kana), their
 # punctuation (、。《》「」…) and the full-width forms Chinese text uses for punctuation (，！？：；（）).
@@ -197,3 +200,24 @@ def bits_per_byte(total_nll_nats: float, num_bytes: int) -> float:
     if num_bytes <= 0:
         raise ValueError(f"num_bytes must be positive, got {num_bytes}")
     return total_nll_nats / (math.log(2) * num_bytes)
+
+
+def heldout_metrics(model, tokenizer, path: str, block_size: int = 1024) -> dict:
+    """Token-level loss over the whole file in blocks, and bits per byte (comparable across tokenizers)."""
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    total_nll, predicted = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, block_size):
+            block = torch.tensor([ids[start: start + block_size + 1]], device=model.device)
+            if block.shape[1] < 2:
+                break
+            logits = model(block[:, :-1]).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0], block[0, 1:], reduction="sum")
+            total_nll += nll.item()
+            predicted += block.shape[1] - 1
+    # The first token is never predicted; its bytes are left out of the denominator.
+    scored_bytes = len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1]).encode("utf-8"))
+    return {"tokens": predicted, "loss": total_nll / max(predicted, 1),
+            "perplexity": math.exp(total_nll / max(predicted, 1)),
+            "bits_per_byte": bits_per_byte(total_nll, scored_bytes)}

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel, set_seed
 
+from utils.checkpoint import CheckpointError
+
 logger = logging.getLogger("mini_qwen")
 
 # Qwen2.5-Instruct's sampling defaults. The original's checkpoints got an empty generation_config, so everything it
@@ -139,3 +141,14 @@ def build_model(model_config: str | None, init_from: str | None, attn_implementa
     logger.info("model: %s, %s parameters, attention=%s, weights %s", source, f"{parameters:,}", attention,
                 weights_dtype)
     return model
+
+
+def load_checkpoint(path: str, device: str):
+    """A saved model (float32; bf16 on a bf16 GPU) and its tokenizer, in eval mode, for generation and scoring."""
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{path}: no checkpoint there (config.json missing)")
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=pick_attention("auto"))
+    from utils.tokenizer import load_tokenizer
+
+    return model.to(device).eval(), load_tokenizer(path)

@@ -1,6 +1,6 @@
 """LoRA (seed 004: continued pretraining or fine-tuning that trains adapters only), and merging adapters back.
 
-    python utils/peft_utils.py merge results/pt_lora results/pt_merged
+    python -m utils.peft_utils merge results/pt_lora results/pt_merged
 """
 
 import argparse

@@ -1,8 +1,8 @@
 """Loss curves as PNG: one run's trainer_state.json, or several runs overlaid on one chart (the original's
 scaling-law figure).
 
-    python utils/plot_loss.py results/pt                       # -> results/pt/loss.png
-    python utils/plot_loss.py results/pt1 results/pt2 --x tokens --out results/pt_compare.png
+    python -m utils.plot_loss results/pt                       # -> results/pt/loss.png
+    python -m utils.plot_loss results/pt1 results/pt2 --x tokens --out results/pt_compare.png
 """
 
 import argparse

@@ -4,12 +4,12 @@
 
 A stage's card (written on rank 0 after the final save, utils.training.train_and_save) holds what it takes to
 judge and repeat the run: the command line; the resolved config beside the recipe's, each value that differs shown
-in bold with where it came from (the command line, or the stage at start-up: bf16 falling back to fp16, SFT
-handing TRL its own labels...); the git commit, library versions and hardware; what the data step kept and
-skipped (<output_dir>/data_report.json); steps, tokens, wall time, tokens/s and MFU (ThroughputCallback's logs in
-trainer_state.json); the loss at start, lowest and end, the curves (loss.png); and the stage's metrics: held-out
-bits per byte on mini_data/heldout/heldout.txt, DPO's reward accuracy and margin at start and end. report.json
-beside it holds the same numbers for the pipeline card.
+in bold with where it came from (the command line, or start-up: bf16 falling back to fp16, the SFT stage turning
+TRL's assistant_only_loss off for its own labels); the git commit, library versions and hardware; what the data
+step kept and skipped (<output_dir>/data_report.json); steps, tokens, wall time, tokens/s and MFU
+(ThroughputCallback's logs in trainer_state.json); the loss at start, lowest and end, the curves (loss.png); and the
+stage's metrics: held-out bits per byte on mini_data/heldout/heldout.txt, DPO's reward accuracy and margin at start
+and end. report.json beside it holds the same numbers for the pipeline card.
 """
 
 import argparse
@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from utils.config import REPO_ROOT, repo_path
+from utils.metrics import heldout_metrics
 from utils.throughput import human_count, human_duration
 
 HELDOUT_TEXT = "mini_data/heldout/heldout.txt"
@@ -125,7 +126,7 @@ def _logged(log_history: list[dict], key: str) -> list[tuple[int, float]]:
 def _start_min_end(points: list[tuple[int, float]]) -> dict | None:
     if not points:
         return None
-    lowest = points[-1]
+    lowest = min(points, key=lambda point: point[1])
     return {"start": points[0][1], "start_step": points[0][0], "min": lowest[1], "min_step": lowest[0],
             "end": points[-1][1], "end_step": points[-1][0]}
 
@@ -163,7 +164,7 @@ def _number(value, digits: int = 4) -> str:
     """`digits` significant digits below 10^digits, else whole numbers with thousands separators."""
     if value is None:
         return "—"
-    if not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return f"{value:.{digits}g}" if isinstance(value, float) and abs(value) < 10**digits else f"{value:,.0f}"
 
@@ -235,17 +236,14 @@ def stage_markdown(summary: dict, command_line: list[str], rows, versions: dict,
     return "\n".join(lines) + "\n"
 
 
-def write_stage_report(output_dir: str, stage: str, training_args, model=None, tokenizer=None,
-                       heldout_metrics=None) -> Path:
-    """<output_dir>/report.md and report.json of a finished stage, from the files it wrote and sys.argv.
-
-    `heldout_metrics(model, tokenizer, path)`, a dict with "bits_per_byte" (mini_qwen_eval.heldout_metrics), scores
-    the model on the held-out text; without it that metric reads "not measured". It is passed in because it lives
-    in a top-level script, which a utils module does not import."""
+def write_stage_report(output_dir: str, stage: str, training_args, model=None, tokenizer=None) -> Path:
+    """<output_dir>/report.md and report.json of a finished stage, from the files it wrote and sys.argv. With
+    `model` and `tokenizer` it scores the model on the held-out text (utils.metrics.heldout_metrics); without them
+    that metric reads "not measured"."""
     output = Path(output_dir)
     state = json.loads((output / "trainer_state.json").read_text())
     bits = None
-    if heldout_metrics is not None and model is not None:
+    if model is not None:
         model.eval()
         bits = heldout_metrics(model, tokenizer, repo_path(HELDOUT_TEXT))["bits_per_byte"]
     summary = stage_summary(state, stage, bits)

@@ -11,14 +11,15 @@ every `report_to` integration get them), over the logging window since the previ
 - `tokens_seen`: real tokens of all ranks since the start of the run, kept in checkpoints across a resume.
 
 Counting tokens. The Trainer's own counter (`include_num_input_tokens_seen`, transformers 5.24
-`Trainer._track_num_input_tokens`) is not used: its "non_padding" mode sums `attention_mask` whenever the batch has
-one, which is right for DPO's and unpacked SFT's 2D masks but not for the 4D block-diagonal mask that PT
-`packing: document` and SFT `packing` / `padding_free` get on sdpa or eager attention (utils/packing.py): it would
-count T x T attention entries per row (about T/2 times too many for sdpa's bool mask, nonsense for eager's float
-one); it counts only in the mode a recipe picks ("all", what `true` means, counts padding); and it gathers and
-copies the count to the host after every micro-batch, a GPU sync. Instead a forward pre-hook on the model counts
-each training forward (training mode with gradients: evaluation and DPO's reference forward are not counted) on
-the device, without a sync, by one rule for all stages' batches:
+`Trainer._track_num_input_tokens`) is not used. Its "non_padding" mode sums `attention_mask` whenever the batch has
+one: right for DPO's and unpacked SFT's 2D masks, wrong for the 4D block-diagonal mask that PT `packing: document`
+and SFT `packing` / `padding_free` get on sdpa or eager attention (utils/packing.py), where it counts T x T
+attention entries per row (TRL's own `num_tokens` log has that flaw: 95,020 for 1,139 real tokens on the demo SFT
+with `padding_free`). That mode cannot even be chosen here: HfArgumentParser types the `str | bool` field as a
+bool, so TrlParser refuses the word in a recipe and on the command line alike, and "all" (what `true` means)
+counts padding. And the Trainer gathers the count to the host after every micro-batch, a GPU sync. Instead a
+forward pre-hook on the model counts each training forward (training mode with gradients: evaluation and DPO's
+reference forward are left out) on the device, without a sync, by one rule for every stage's batches:
 - a 2D `attention_mask` (PT `packing: none`, SFT unpacked, DPO's chosen + rejected rows): its ones;
 - else `position_ids` (packed rows, documents told apart by positions restarting at 0; any 4D mask is built from
   them): every position (TRL's `pad_to_multiple_of`, off by default, would add its few pad positions);

@@ -29,10 +29,10 @@ def _callback(trainer, kind):
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
 
 
-def train_and_save(trainer, tokenizer, stage: str, heldout_metrics=None) -> None:
-    """Train (resuming as asked), then save the final model and write its report card (utils.report; with
-    `heldout_metrics`, mini_qwen_eval's, it holds the held-out bits per byte), unless the run was stopped early:
-    then the last checkpoint is what to resume from, and the process exits non-zero saying why."""
+def train_and_save(trainer, tokenizer, stage: str) -> None:
+    """Train (resuming as asked), then save the final model and write its report card (utils.report, with the
+    held-out bits per byte), unless the run was stopped early: then the last checkpoint is what to resume from,
+    and the process exits non-zero saying why."""
     args = trainer.args
     weights = str(next(trainer.model.parameters()).dtype).replace("torch.", "")
     precision = f"{weights} weights, " + ("bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else
@@ -60,7 +60,7 @@ def train_and_save(trainer, tokenizer, stage: str, heldout_metrics=None) -> None
                          "continue with --resume_from_checkpoint auto")
     save_final_model(trainer, tokenizer, args.output_dir, stage)
     if trainer.is_world_process_zero():
-        report = write_stage_report(args.output_dir, stage, args, trainer.model, tokenizer, heldout_metrics)
+        report = write_stage_report(args.output_dir, stage, args, trainer.model, tokenizer)
         logger.info("report card: %s", report)
 
 

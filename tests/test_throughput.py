@@ -1,0 +1,180 @@
+"""Throughput logging: the FLOPs per token of the real 1B config by hand, the callback's arithmetic, real tokens of
+every stage's batches, and a real tiny PT run (its logs, tensorboard's copy, its report card)."""
+
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerControl, TrainerState
+
+from conftest import REPO, TINY_CONFIG, cpu_flags
+from utils.throughput import (ThroughputCallback, batch_token_counts, flops_per_token, human_duration,
+                              peak_flops)
+
+THROUGHPUT_KEYS = {"tokens_per_second", "tokens_per_second_per_device", "eta_seconds", "tokens_seen"}
+
+
+def test_flops_per_token_of_the_1b_config_by_hand():
+    config = AutoConfig.from_pretrained(REPO / "models" / "mini_qwen_1b")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())  # the embedding, tied to the head, once
+    hidden, layers, vocab, intermediate = 1024, 48, 151936, 4864
+    kv_width = 4 * hidden // 16  # 4 KV heads of 64
+    attention = hidden * hidden + hidden + 2 * (hidden * kv_width + kv_width) + hidden * hidden  # q, k, v (biased), o
+    per_layer = attention + 3 * hidden * intermediate + 2 * hidden  # SwiGLU gate/up/down, two RMSNorms
+    assert parameters == vocab * hidden + layers * per_layer + hidden == 998_810_624
+    seq = 1024
+    # Forward: a multiply and an add per weight; per layer QK^T and AV each 2·S·H; backward twice the forward.
+    forward = 2 * parameters + layers * 2 * (2 * seq * hidden)
+    assert flops_per_token(config, parameters, seq) == 3 * forward
+    assert abs(3 * forward / 1e9 - 6.597) < 1e-3
+    assert flops_per_token(config, parameters, seq, reference_forward=True) == 4 * forward  # DPO's reference
+    # MFU at 30k tokens/s on one H100: 30,000 x 6.597 GFLOP / 989 TFLOP/s
+    assert abs(30_000 * flops_per_token(config, parameters, seq) / peak_flops("NVIDIA H100 80GB HBM3") - 0.2001) < 1e-4
+
+
+def test_peak_table_picks_the_longest_matching_name():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("NVIDIA A10") == 125e12
+    assert peak_flops("NVIDIA GeForce RTX 4090") == 165e12 and peak_flops("Tesla T4") == 65e12
+    assert peak_flops("AMD EPYC") is None
+
+
+def test_human_duration():
+    assert [human_duration(s) for s in (45, 725, 3725, 183_600)] == ["45s", "12m05s", "1h02m", "2d03h"]
+
+
+def test_callback_counts_training_forwards_and_its_mfu_matches_a_hand_computation():
+    # The tiny model with a 256-token vocabulary: attention is a tenth of its FLOPs at these lengths, not 0.01%.
+    config = AutoConfig.from_pretrained(TINY_CONFIG, vocab_size=256, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    parameters = sum(p.numel() for p in model.parameters())
+    args = SimpleNamespace(device=torch.device("cpu"), world_size=2)  # this process stands in for both ranks
+    state, control = TrainerState(max_steps=10, global_step=4), TrainerControl()
+    state.stateful_callbacks = {"ThroughputCallback": {"attributes": {"tokens_seen": 1000}}}  # resumed at step 4
+    callback = ThroughputCallback(peak_tflops=0.001)  # a tiny peak keeps the rounded MFU precise
+    callback.on_train_begin(args, state, control, model=model)
+
+    ids = torch.randint(0, 256, (2, 48))
+    model(input_ids=ids, attention_mask=(torch.arange(48) < torch.tensor([[30], [48]])).long())  # 30 + 48 tokens
+    with torch.no_grad():  # DPO's reference forward
+        model(input_ids=ids)
+    model.eval()
+    model(input_ids=ids)  # evaluation
+    model.train()
+    callback.on_step_end(args, state, control)
+    positions = torch.cat([torch.arange(20), torch.arange(30)])[None]  # one packed row: documents of 20 and 30
+    model(input_ids=torch.randint(0, 256, (1, 50)), position_ids=positions)
+    callback.on_step_end(args, state, control)
+    time.sleep(1)  # a window of over a second: the ETA, whole seconds, tells 2 steps in it from 1
+    state.global_step = 6
+    state.log_history.append({"loss": 1.0, "step": 6})
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, control, logs=logs)
+
+    tokens = 30 + 48 + 20 + 30
+    assert logs["tokens_seen"] == 1000 + tokens and state.log_history[-1] == {"step": 6, **logs}
+    assert logs["tokens_per_second_per_device"] == pytest.approx(logs["tokens_per_second"] / 2, abs=0.1)
+    window_seconds = tokens / logs["tokens_per_second"]
+    assert abs(logs["eta_seconds"] - 4 * window_seconds / 2) <= 0.5  # 4 steps left at this window's 2 steps
+    effective_length = (30**2 + 48**2 + 20**2 + 30**2) / tokens
+    by_hand = 6 * parameters + 12 * 2 * 64 * effective_length
+    assert logs["mfu"] == pytest.approx(logs["tokens_per_second"] / 2 * by_hand / 1e9, rel=1e-3)
+    assert "peak_gpu_memory_gib" not in logs  # CPU
+
+    model(input_ids=ids[:, :3])  # a step after the last log: the checkpoint's count includes it
+    callback.on_step_end(args, state, control)
+    state.global_step = 7
+    summary = {"train_runtime": 1.0}
+    callback.on_log(args, state, control, logs=summary)  # the end-of-training summary: not a logging window
+    assert summary == {"train_runtime": 1.0}
+    assert callback.state()["attributes"]["tokens_seen"] == 1000 + tokens + 6
+    callback.on_train_end(args, state, control)
+    model(input_ids=ids)
+    callback.on_step_end(args, state, control)
+    assert callback.state()["attributes"]["tokens_seen"] == 1000 + tokens + 6  # the hook is gone
+
+
+def test_real_tokens_of_each_stages_batches(tokenizer):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from utils.packing import DocumentMaskCollator, PretrainCollator, pack_documents
+
+    pad = tokenizer.pad_token_id
+    # DPO: chosen and rejected rows of prompt + answer, padded
+    dpo = DataCollatorForPreference(pad)([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+                                          {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11, 12]}])
+    lengths = [5, 3, 4, 5]
+    assert dpo["input_ids"].numel() == 20
+    assert [int(n) for n in batch_token_counts(dpo)] == [17, sum(n * n for n in lengths)]
+    # SFT unpacked: TRL pads the pre-tokenized rows
+    examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5, 6, 7, 8], "labels": [4] * 5}]
+    padded = DataCollatorForLanguageModeling(pad)(examples)
+    assert padded["input_ids"].numel() == 10
+    assert [int(n) for n in batch_token_counts(padded)] == [8, 9 + 25]
+    # SFT padding-free on sdpa: one row, and the 4D mask whose sum the Trainer's own counter would take
+    flat = DocumentMaskCollator(DataCollatorForLanguageModeling(pad, padding_free=True), "sdpa")(examples)
+    assert flat["attention_mask"].dim() == 4 and int(flat["attention_mask"].sum()) == 6 + 15
+    assert [int(n) for n in batch_token_counts(flat)] == [8, 9 + 25]
+    # PT: concat blocks are all tokens; document blocks by their documents; `none` without its padding
+    eos = tokenizer.eos_token_id
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]]
+    concat = PretrainCollator(pad, "sdpa")(pack_documents(docs, 5, "concat", eos))
+    assert [int(n) for n in batch_token_counts(concat)] == [10, 2 * 25]
+    document = PretrainCollator(pad, "sdpa")(pack_documents(docs, 5, "document", eos))  # [4, 1], [2, 3] tokens
+    assert [int(n) for n in batch_token_counts(document)] == [10, 16 + 1 + 4 + 9]
+    none = PretrainCollator(pad, "sdpa")(pack_documents(docs, 5, "none", eos))  # 4, 3 and 5 of 7 tokens
+    assert none["input_ids"].numel() == 15
+    assert [int(n) for n in batch_token_counts(none)] == [12, 16 + 9 + 25]
+
+
+def test_tiny_pt_run_logs_throughput_everywhere_and_writes_its_report(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mini_qwen_pt import main
+
+    out = tmp_path / "out"
+    flags = ["--config", str(REPO / "configs" / "demo_pt.yaml"), *cpu_flags(out, tmp_path / "cache"),
+             "--data_files", str(REPO / "mini_data" / "pt"), "--max_steps", "6", "--logging_steps", "2",
+             "--block_size", "64", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+             "--report_to", "tensorboard"]
+    monkeypatch.setattr(sys, "argv", ["mini_qwen_pt.py", *flags])
+    started = time.perf_counter()
+    main(flags)
+    elapsed = time.perf_counter() - started
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4, 6]
+    for entry in logs:
+        assert THROUGHPUT_KEYS <= set(entry) and "mfu" not in entry and "peak_gpu_memory_gib" not in entry
+        assert entry["tokens_seen"] == entry["step"] * 2 * 64  # steps x batch x block, nothing padded
+        assert entry["tokens_seen"] == entry["num_input_tokens_seen"]  # the Trainer's count agrees for concat
+        assert entry["tokens_per_second_per_device"] == entry["tokens_per_second"] > 2 * 2 * 64 / elapsed
+        window_seconds = 2 * 2 * 64 / entry["tokens_per_second"]
+        assert abs(entry["eta_seconds"] - (6 - entry["step"]) * window_seconds / 2) <= 0.5
+    # The reporting integrations get the numbers too (the callback runs before them).
+    (events,) = out.glob("runs/*/events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+    assert [event.step for event in scalars.Scalars("train/tokens_per_second")] == [2, 4, 6]
+    assert [event.value for event in scalars.Scalars("train/tokens_seen")] == [256, 512, 768]
+
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["steps"] == state["global_step"] == 6 and summary["tokens_seen"] == 768
+    assert summary["loss"]["end"] == logs[-1]["loss"] and summary["loss"]["start"] == logs[0]["loss"]
+    assert summary["tokens_per_second"]["last"] == logs[-1]["tokens_per_second"]
+    assert summary["tokens_per_second"]["mean"] == pytest.approx(sum(e["tokens_per_second"] for e in logs) / 3)
+    assert "- steps: 6 of 6" in report and "- tokens seen: 768" in report
+    assert f"end {logs[-1]['loss']:.4g} (step 6)" in report
+    assert f"last {logs[-1]['tokens_per_second']:.4g} over 3 logging windows" in report
+    assert "| **block_size** | `128` | **`64`** | command line |" in report  # the recipe says 128
+    assert "![loss curves](loss.png)" in report and (out / "loss.png").is_file()
+    assert "- records: kept 120, skipped 0" in report  # data_report.json: mini_data/pt's 120 documents
