@@ -1,4 +1,4 @@
-"""DPO really moves float32 weights at the original's lr 5e-7, on the original's real preference pairs."""
+"""DPO really moves float32 weights at the original's lr 5e-7, on the repo's Infinity-Preference pairs."""
 
 import json
 
@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, cpu_flags
+from utils.data import load_records
 
 
 def test_lr_5e7_moves_the_weights_and_the_reward_margin(sft_checkpoint, tmp_path):
@@ -32,7 +33,9 @@ def test_lr_5e7_moves_the_weights_and_the_reward_margin(sft_checkpoint, tmp_path
     assert len(logged) == 4 and "rewards/accuracies" in logged[-1]
     assert any(abs(entry["rewards/margins"]) > 0 for entry in logged[1:])
     (report_file,) = (tmp_path / "cache").glob("dpo-*/report.json")
-    assert json.loads(report_file.read_text())["records"]["kept"] > 100  # both splits of the real data
+    pairs, _ = load_records(str(REPO / "mini_data" / "dpo"), "dpo")
+    train_split, _ = load_records(str(REPO / "mini_data" / "dpo" / "train-00000-of-00001.parquet"), "dpo")
+    assert json.loads(report_file.read_text())["records"]["kept"] == len(pairs) > len(train_split)  # both splits
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.generation_config.repetition_penalty == 1.1

@@ -10,10 +10,10 @@
 | pt3 | zh + en | none | adding English (the original's pt3) |
 | pt4 | zh + en | document: packed, attention kept inside each document | ours |
 
-Every run is the real PT stage (mini_qwen_pt.py, as a subprocess) with the same recipe and only data/packing changed. The result
-is an overlay of the loss curves against tokens processed (ablation_loss.png), beside the original's own logged
-pt1-pt3 curves when its logs are given, and a table (ablation.md): final loss, held-out bits per byte, tokens
-processed and padding fraction.
+Every run is the real PT stage (mini_qwen_pt.py, as a subprocess) with the same recipe and only data/packing
+changed. The result is an overlay of the loss curves against tokens processed (ablation_loss.png), beside the
+original's own logged pt1-pt3 curves when its logs are given, and a table (ablation.md): final loss, held-out bits
+per byte, tokens processed and padding fraction.
 """
 
 import argparse

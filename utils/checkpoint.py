@@ -115,7 +115,8 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
 def save_final_model(trainer, tokenizer, output_dir: str, stage: str) -> None:
     """Model, tokenizer (with the chat template) and generation_config in one folder that
     `AutoModelForCausalLM.from_pretrained` + `AutoTokenizer.from_pretrained` load with no project code, plus
-    trainer_state.json (the logged curves), and mini_qwen_stage.json saying which stage made it (the evaluator picks raw-text or chat mode from it)."""
+    trainer_state.json (the logged curves), and mini_qwen_stage.json saying which stage made it (the evaluator
+    picks raw-text or chat mode from it)."""
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)

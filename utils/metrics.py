@@ -212,7 +212,7 @@ def heldout_metrics(model, tokenizer, path: str, block_size: int = 1024) -> dict
             block = torch.tensor([ids[start: start + block_size + 1]], device=model.device)
             if block.shape[1] < 2:
                 break
-            logits = model(block[:, :-1]).logits.float()
+            logits = model(input_ids=block[:, :-1]).logits.float()
             nll = torch.nn.functional.cross_entropy(logits[0], block[0, 1:], reduction="sum")
             total_nll += nll.item()
             predicted += block.shape[1] - 1
