@@ -108,3 +108,25 @@ def test_none_mode_pads_and_masks_labels():
     assert batch["labels"].tolist() == [[1, 2, 3, EOS, -100], [4, 5, 6, 7, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert (stats.tokens_dropped, stats.padding_tokens) == (2, 1)
+
+
+def test_workers_end_even_when_the_parent_handles_sigterm(tmp_path, split_corpus):
+    """Pool ends its workers with SIGTERM; forked from a process with a SIGTERM handler (a training run's, or an
+    earlier test's), they must not inherit it, or the preparation waits for them forever."""
+    import subprocess
+    import sys
+
+    script = (
+        "import signal, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *_: None)\n"
+        "from utils.packing import pretraining_preparation\n"
+        "from utils.prepare import prepare_or_load\n"
+        "from utils.tokenizer import load_tokenizer\n"
+        f"preparation = pretraining_preparation({split_corpus!r}, load_tokenizer(), 64, 'concat', None, {{}})\n"
+        "preparation.unit_bytes = 4096\n"
+        f"dataset, _ = prepare_or_load(preparation, {str(tmp_path / 'cache')!r}, 2, world_size=1)\n"
+        "print('rows', len(dataset))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rows" in result.stdout

@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -152,8 +153,15 @@ def _unit_results(units: list[WorkUnit], work_dir: Path, workers: int):
         yield from map(_prepare_unit, tasks)
         return
     # fork: the workers inherit the tokenizer (see _ACTIVE); imap keeps data order whatever finishes first.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start) as pool:
         yield from pool.imap(_prepare_unit, tasks)
+
+
+def _worker_start() -> None:
+    # A forked worker inherits the parent's Python signal handlers: with a training run's SIGTERM handler
+    # (utils.callbacks.SigtermCallback) it would ignore the SIGTERM that Pool uses to end it, and the pool would
+    # wait for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _merge_counts(total: SkipCounter, part: dict) -> None:
