@@ -28,6 +28,8 @@ from transformers import GenerationConfig, TextIteratorStreamer
 
 from utils.checkpoint import STAGE_FILE
 from utils.config import repo_path
+from utils.data import DataError
+from utils.errors import ConfigError, MissingInputError, run_main
 from utils.metrics import heldout_metrics, repetition_report
 from utils.modeling import load_checkpoint
 
@@ -144,10 +146,22 @@ def read_prompts(spec: str) -> list[str]:
     if spec == "default":
         return DEFAULT_PROMPTS
     path = Path(repo_path(spec))
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not path.is_file():
+        raise MissingInputError(f"{spec}: no such prompts file")
+    lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
-        return [json.loads(line)["prompt"] for line in lines]
-    return [line.replace("\\n", "\n") for line in lines]
+        return [jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    return [line.replace("\\n", "\n") for line in lines if line.strip()]
+
+
+def jsonl_prompt(path: Path, number: int, line: str) -> str:
+    try:
+        prompt = json.loads(line)["prompt"]
+    except (ValueError, TypeError, KeyError):
+        raise DataError(f'{path}:{number}: expected a JSON object with a "prompt" string') from None
+    if not isinstance(prompt, str):
+        raise DataError(f'{path}:{number}: "prompt" is {type(prompt).__name__}, not a string')
+    return prompt
 
 
 def batch_report(models: list[str], args) -> dict:
@@ -205,7 +219,7 @@ def main(argv=None):
     models = [repo_path(path) for path in args.model_path]
     if args.prompts is None and args.eval_text is None:
         if len(models) != 1:
-            sys.exit("interactive chat takes one --model_path; use --prompts for a comparison")
+            raise ConfigError("interactive chat takes one --model_path; use --prompts for a comparison")
         model, tokenizer = load_checkpoint(models[0], args.device)
         interactive(model, tokenizer, checkpoint_mode(models[0], args.mode), args)
         return
@@ -223,4 +237,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

@@ -34,7 +34,7 @@ from utils.chat import (DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MO
                         fill_identity, select_turns)
 from utils.config import parse_stage_args, repo_path
 from utils.data import SkipCounter, files_fingerprint, iter_normalized, resolve_data_files
-from utils.errors import run_main
+from utils.errors import ConfigError, run_main
 from utils.modeling import build_model
 from utils.packing import DocumentMaskCollator
 from utils.peft_utils import apply_lora
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None):
     script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
         SFTScriptArguments, SFTConfig, argv)
     if training_args.max_length is None:
-        raise ValueError("max_length must be set: over-long conversations are fitted to it before training")
+        raise ConfigError("max_length must be set: over-long conversations are fitted to it before training")
 
     init_from = repo_path(script_args.init_from)
     tokenizer = load_stage_tokenizer(repo_path(script_args.tokenizer_path), init_from, script_args.prepare_only)

@@ -63,8 +63,10 @@ def test_lean_preset_trains_with_bf16_weights(moments, flags, tmp_path, caplog):
     try:
         main(["--config", str(REPO / "configs" / "pt_lean.yaml"), *cpu_flags(out, tmp_path / "cache"),
               "--model_config", "models/mini_qwen_tiny", "--data_files", str(REPO / "mini_data" / "pt"),
-              "--block_size", "64", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-              "--learning_rate", "3e-3", "--max_steps", "12", "--save_strategy", "no", "--attn_implementation", "sdpa",
+              # 64 tokens a step: a bf16 matmul on a CPU without bf16 units is slow (~4 s a step for the LM head's
+              # weight gradient here), and the lean preset's claim does not need more
+              "--block_size", "32", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+              "--learning_rate", "1e-2", "--max_steps", "10", "--save_strategy", "no", "--attn_implementation", "sdpa",
               *flags])
     finally:
         logging.getLogger("mini_qwen").removeHandler(caplog.handler)
@@ -73,7 +75,7 @@ def test_lean_preset_trains_with_bf16_weights(moments, flags, tmp_path, caplog):
     assert f"optimizer {'_AdamW' if moments == 'bf16' else 'AdamW8bit'}" in launch
     state = json.loads((out / "trainer_state.json").read_text())
     curve = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    assert len(curve) == 12 and all(loss == loss for loss in curve)
-    assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.3
+    assert len(curve) == 10 and all(loss == loss for loss in curve)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.25
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
         assert weights.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16

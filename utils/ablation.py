@@ -19,12 +19,14 @@ per byte, tokens processed and padding fraction.
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 
 import torch
 
 from utils.config import repo_path, run_stage
+from utils.errors import MissingInputError, run_main
 from utils.plot_loss import plot_runs, read_log_history
 
 RUNS = {
@@ -40,7 +42,7 @@ def data_folders(data_root: str, languages: str) -> list[str]:
     root = Path(repo_path(data_root))
     folders = sorted(str(p) for lang in LANGUAGE_FOLDERS[languages] for p in root.glob(f"*/{lang}/high"))
     if not folders:
-        raise FileNotFoundError(f"no <industry>/<language>/high folders under {root}")
+        raise MissingInputError(f"no <industry>/<language>/high folders under {root}")
     return folders
 
 
@@ -118,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

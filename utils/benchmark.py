@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from utils.config import REPO_ROOT, repo_path, run_stage
+from utils.errors import run_main
 from utils.throughput import flops_per_token, peak_flops
 
 
@@ -491,4 +492,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

@@ -8,6 +8,7 @@ import random
 from transformers import PreTrainedTokenizerBase
 
 from utils.data import SkipRecord
+from utils.errors import ConfigError
 
 DEFAULT_SYSTEM_PROMPT = "You are mini_qwen, a helpful assistant that answers in the user's language."
 
@@ -37,7 +38,7 @@ TURN_MODES = ("all", "first")
 def select_turns(messages: list[dict], turns: str) -> list[dict]:
     """`all`: every exchange is kept (and every assistant turn trained); `first`: only the first exchange."""
     if turns not in TURN_MODES:
-        raise ValueError(f"turns must be one of {TURN_MODES}, got {turns!r}")
+        raise ConfigError(f"turns must be one of {TURN_MODES}, got {turns!r}")
     if turns == "all":
         return messages
     offset = 1 if messages[0]["role"] == "system" else 0
@@ -51,7 +52,7 @@ def add_system_prompt(
     default, half a prompt chosen by the sample's category (seed 000: this generalises role-play better).
     A system prompt already in the data is kept."""
     if strategy not in SYSTEM_PROMPT_STRATEGIES:
-        raise ValueError(f"system_prompt_strategy must be one of {SYSTEM_PROMPT_STRATEGIES}, got {strategy!r}")
+        raise ConfigError(f"system_prompt_strategy must be one of {SYSTEM_PROMPT_STRATEGIES}, got {strategy!r}")
     if strategy == "none" or messages[0]["role"] == "system":
         return messages
     prompt = default_prompt

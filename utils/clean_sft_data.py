@@ -47,15 +47,16 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-
 from utils.data import (
     DataError, SkipCounter, SkipRecord, iter_file_records, normalize_sft, resolve_data_files,
 )
+from utils.errors import ConfigError, run_main
 
 DEFAULT_FILLER_WORDS = ("嗯嗯", "嗯", "呃", "额", "啊啊", "那个那个", "um", "uh", "erm", "uhm")
 SHINGLE_CHARS = 5
@@ -349,7 +350,7 @@ class SftCleaner:
 
     def __init__(self, options: CleaningOptions):
         if options.sensitive_action not in ("drop", "mask"):
-            raise ValueError(f"sensitive_action must be drop or mask, got {options.sensitive_action!r}")
+            raise ConfigError(f"sensitive_action must be drop or mask, got {options.sensitive_action!r}")
         self.options = options
         self.report = CleaningReport(options.examples)
         self.filler_pattern = compile_filler_pattern(options.filler_words)
@@ -475,4 +476,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

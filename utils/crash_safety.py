@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from utils.checkpoint import complete_checkpoints
+from utils.errors import ConfigError
 
 logger = logging.getLogger("mini_qwen")
 
@@ -41,9 +42,9 @@ def parse_ranges(specs: list[str]) -> list[tuple[int, int]]:
         try:
             start, end = (int(part) for part in spec.split(":"))
         except ValueError:
-            raise ValueError(f"--skip_samples: expected START:END, got {spec!r}") from None
+            raise ConfigError(f"--skip_samples: expected START:END, got {spec!r}") from None
         if not 0 <= start < end:
-            raise ValueError(f"--skip_samples: empty or negative range {spec!r}")
+            raise ConfigError(f"--skip_samples: empty or negative range {spec!r}")
         ranges.append((start, end))
     return ranges
 

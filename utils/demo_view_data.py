@@ -6,9 +6,11 @@
 
 import argparse
 import json
+import sys
 
 
 from utils.data import SHAPES, SkipCounter, iter_normalized, resolve_data_files
+from utils.errors import run_main
 
 
 def main(argv=None):
@@ -31,4 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

@@ -14,6 +14,14 @@ class UserError(Exception):
     """A problem with the input or the request, not with the code: its message is all the user needs."""
 
 
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder the command was pointed at is not there."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting that cannot work (a flag's value, a model shape, a combination of options)."""
+
+
 def run_main(main, argv: list[str]) -> None:
     debug = "--debug" in argv or os.environ.get("MINI_QWEN_DEBUG", "") not in ("", "0")
     try:

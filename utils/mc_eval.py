@@ -65,6 +65,8 @@ import torch
 
 
 from utils.config import repo_path
+from utils.data import DataError
+from utils.errors import ConfigError, MissingInputError, run_main
 
 LETTERS = ("A", "B", "C", "D")
 CHANCE = 1 / len(LETTERS)
@@ -153,7 +155,7 @@ def detect_style(first_row: list[str]) -> str:
             return "cmmlu"
     if len(cells) == 6:
         return "mmlu"
-    raise ValueError(f"unrecognised header {first_row!r}: expected id,question,A,B,C,D,answer[,...] (C-Eval), "
+    raise DataError(f"unrecognised header {first_row!r}: expected id,question,A,B,C,D,answer[,...] (C-Eval), "
                      f",Question,A,B,C,D,Answer (CMMLU) or six columns without a header (MMLU)")
 
 
@@ -167,11 +169,11 @@ def read_subject_csv(path: str | Path) -> SubjectFile:
             rows.append((start, row))
             start = reader.line_num + 1  # a quoted cell may span lines: the next row starts after this one ends
     if not rows:
-        raise ValueError(f"{path}: empty file")
+        raise DataError(f"{path}: empty file")
     try:
         style = detect_style(rows[0][1])
     except ValueError as error:
-        raise ValueError(f"{path}:1: {error}") from None
+        raise DataError(f"{path}:1: {error}") from None
     body = rows if style == "mmlu" else rows[1:]
     first_column = 0 if style == "mmlu" else 1  # ceval/cmmlu rows begin with an id
     questions = []
@@ -181,19 +183,19 @@ def read_subject_csv(path: str | Path) -> SubjectFile:
             continue  # a blank line, e.g. at the end of a hand-edited file
         cells = row[first_column: first_column + 6]
         if len(cells) < 6:
-            raise ValueError(f"{where}: {len(row)} columns, expected {first_column + 6} "
+            raise DataError(f"{where}: {len(row)} columns, expected {first_column + 6} "
                              f"({'id, ' if first_column else ''}question, A-D, answer)")
         question, options, answer = cells[0].strip(), tuple(c.strip() for c in cells[1:5]), cells[5].strip()
         if not question:
-            raise ValueError(f"{where}: empty question")
+            raise DataError(f"{where}: empty question")
         for letter, option in zip(LETTERS, options):
             if not option:
-                raise ValueError(f"{where}: option {letter} is missing")
+                raise DataError(f"{where}: option {letter} is missing")
         if answer not in LETTERS:
-            raise ValueError(f"{where}: answer {answer!r} is not one of A, B, C, D")
+            raise DataError(f"{where}: answer {answer!r} is not one of A, B, C, D")
         questions.append(Question(question, options, answer, where))
     if not questions:
-        raise ValueError(f"{path}: no questions")
+        raise DataError(f"{path}: no questions")
     return SubjectFile(subject_of(path), path, style, questions)
 
 
@@ -213,17 +215,17 @@ def load_benchmark(folder: str | Path, language: str | None = None) -> Benchmark
     folder = Path(folder)
     files = sorted(folder.glob("*.csv"))
     if not files:
-        raise FileNotFoundError(f"no CSV files in {folder}")
+        raise MissingInputError(f"{folder}: no CSV files there")
     subjects = {}
     for path in files:
         subject_file = read_subject_csv(path)
         if subject_file.subject in subjects:
-            raise ValueError(f"{path}: subject {subject_file.subject} also in {subjects[subject_file.subject].path}")
+            raise DataError(f"{path}: subject {subject_file.subject} also in {subjects[subject_file.subject].path}")
         subjects[subject_file.subject] = subject_file
     if language is None:
         languages = {STYLE_LANGUAGE[s.style] for s in subjects.values()}
         if len(languages) > 1:
-            raise ValueError(f"{folder}: files with and without a header mix languages; pass --language")
+            raise DataError(f"{folder}: files with and without a header mix languages; pass --language")
         language = languages.pop()
     return Benchmark(benchmark_name(folder), folder, language, subjects, read_display_names(folder))
 
@@ -289,7 +291,7 @@ class LikelihoodScorer:
 
     def __init__(self, tokenizer, logprobs: LogProbs, chat_template: bool = False, method: str = "letter"):
         if method not in ("letter", "full"):
-            raise ValueError(f"unknown scoring method {method!r}: letter or full")
+            raise ConfigError(f"unknown scoring method {method!r}: letter or full")
         self.tokenizer, self.logprobs, self.chat_template, self.method = tokenizer, logprobs, chat_template, method
 
     def render(self, prompt: str) -> str:
@@ -308,7 +310,7 @@ class LikelihoodScorer:
         for letter in LETTERS:
             continuation = self.encode(separator + letter)
             if len(continuation) != 1 or self.encode(rendered + separator + letter) != prompt_ids + continuation:
-                raise ValueError(f"{separator + letter!r} is not one token after the prompt ending "
+                raise ConfigError(f"{separator + letter!r} is not one token after the prompt ending "
                                  f"{rendered[-20:]!r}: the letters cannot be compared at one position")
             letter_ids.append(continuation[0])
         return letter_ids
@@ -352,12 +354,12 @@ def few_shot_examples(dev: Benchmark | None, subject: str, shots: int, benchmark
     if shots == 0:
         return []
     if dev is None:
-        raise ValueError(f"{benchmark}: {shots}-shot needs a dev split (--dev)")
+        raise DataError(f"{benchmark}: {shots}-shot needs a dev split (--dev)")
     if subject not in dev.subjects:
-        raise ValueError(f"{benchmark}: no dev file for subject {subject} in {dev.folder}")
+        raise DataError(f"{benchmark}: no dev file for subject {subject} in {dev.folder}")
     examples = dev.subjects[subject].questions[:shots]
     if len(examples) < shots:
-        raise ValueError(f"{dev.subjects[subject].path}: {len(examples)} questions, fewer than {shots} shots")
+        raise DataError(f"{dev.subjects[subject].path}: {len(examples)} questions, fewer than {shots} shots")
     return examples
 
 
@@ -459,7 +461,7 @@ def main(argv=None):
     if subjects:
         unknown = set(subjects) - {s for b in benchmarks for s in b.subjects}
         if unknown:
-            sys.exit(f"unknown subjects: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown subjects: {', '.join(sorted(unknown))}")
 
     from utils.modeling import load_checkpoint  # after the data checks: loading a model takes a while
 
@@ -491,4 +493,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

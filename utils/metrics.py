@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from utils.errors import MissingInputError
+
 # Scripts written without spaces between words (CJK ideographs with their extensions, Japanese kana), their
 # punctuation (、。《》「」…) and the full-width forms Chinese text uses for punctuation (，！？：；（）).
 # U+3000, the ideographic space, is left out: it separates units like any other whitespace.
@@ -204,6 +206,8 @@ def bits_per_byte(total_nll_nats: float, num_bytes: int) -> float:
 
 def heldout_metrics(model, tokenizer, path: str, block_size: int = 1024) -> dict:
     """Token-level loss over the whole file in blocks, and bits per byte (comparable across tokenizers)."""
+    if not Path(path).is_file():
+        raise MissingInputError(f"{path}: no such held-out text file")
     text = Path(path).read_text(encoding="utf-8")
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
     total_nll, predicted = 0.0, 0

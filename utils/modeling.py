@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel, set_seed
 
 from utils.checkpoint import CheckpointError
+from utils.errors import ConfigError, MissingInputError
 
 logger = logging.getLogger("mini_qwen")
 
@@ -34,7 +35,7 @@ def check_model_config(config: PretrainedConfig, source: str = "model config") -
     if config.vocab_size < 151665:
         problems.append(f"vocab_size {config.vocab_size} is smaller than the Qwen2.5 tokenizer (151665 tokens)")
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+        raise ConfigError(f"{source}: " + "; ".join(problems))
 
 
 def pick_attention(requested: str = "auto") -> str:
@@ -66,24 +67,24 @@ def check_weight_precision(weights_dtype: str, stochastic_rounding: bool, traini
     right odds keeps it in expectation (torchao's AdamW: `stochastic_rounding`, or its 8/4-bit variants with
     `optim_args: bf16_stochastic_round=True`)."""
     if weights_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weights_dtype must be one of {list(WEIGHT_DTYPES)}, got {weights_dtype!r}")
+        raise ConfigError(f"weights_dtype must be one of {list(WEIGHT_DTYPES)}, got {weights_dtype!r}")
     if stochastic_rounding and weights_dtype != "bfloat16":
-        raise ValueError(f"stochastic_rounding rounds onto bf16 weights; weights_dtype is {weights_dtype}")
+        raise ConfigError(f"stochastic_rounding rounds onto bf16 weights; weights_dtype is {weights_dtype}")
     if weights_dtype == "float32":
         return
     if training_args.deepspeed or training_args.world_size > 1:
         # ZeRO keeps its own fp32 master weights; and under DDP each rank would round its own way.
-        raise ValueError("weights_dtype bfloat16 (the lean preset) is for one process without DeepSpeed; launch it "
+        raise ConfigError("weights_dtype bfloat16 (the lean preset) is for one process without DeepSpeed; launch it "
                          "with plain python, or use configs/pt.yaml on several GPUs")
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ValueError(f"weights_dtype bfloat16 needs a GPU with bf16 (Ampere or newer), not "
+        raise ConfigError(f"weights_dtype bfloat16 needs a GPU with bf16 (Ampere or newer), not "
                          f"{torch.cuda.get_device_name()}; keep --weights_dtype float32")
     if stochastic_rounding:
         return
     options = dict(item.split("=", 1) for item in (training_args.optim_args or "").replace(" ", "").split(",") if item)
     if training_args.optim not in STOCHASTIC_ROUNDING_OPTIMIZERS or options.get("bf16_stochastic_round", "").lower() \
             not in ("true", "1"):
-        raise ValueError(
+        raise ConfigError(
             f"weights_dtype bfloat16 with optim {training_args.optim.value!r} and optim_args "
             f"{training_args.optim_args!r} would round small updates away. Use --stochastic_rounding true "
             f"(configs/pt_lean.yaml), or --optim {'|'.join(STOCHASTIC_ROUNDING_OPTIMIZERS)} --optim_args "
@@ -108,7 +109,7 @@ def load_model_config(path: str | Path) -> PretrainedConfig:
     elif (path / "config.json").is_file():
         config = AutoConfig.from_pretrained(path)
     else:
-        raise FileNotFoundError(f"model config not found: {path} (expected a config.json or a folder holding one)")
+        raise MissingInputError(f"model config not found: {path} (expected a config.json or a folder holding one)")
     check_model_config(config, str(path))
     return config
 
@@ -128,7 +129,7 @@ def build_model(model_config: str | None, init_from: str | None, attn_implementa
     set_seed(seed)
     if init_from:
         if not (Path(init_from) / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint not found: {init_from} (no config.json there)")
+            raise MissingInputError(f"checkpoint not found: {init_from} (no config.json there)")
         check_model_config(AutoConfig.from_pretrained(init_from), init_from)
         model = AutoModelForCausalLM.from_pretrained(init_from, dtype=dtype, attn_implementation=attention)
         source = init_from

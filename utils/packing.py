@@ -18,6 +18,8 @@ import pyarrow as pa
 import torch
 from datasets import Features, List, Value
 
+from utils.errors import ConfigError
+
 PACKING_MODES = ("concat", "document", "none")
 
 
@@ -71,7 +73,7 @@ class BlockPacker:
 
     def __init__(self, block_size: int, mode: str, eos_token_id: int):
         if mode not in PACKING_MODES:
-            raise ValueError(f"packing must be one of {PACKING_MODES}, got {mode!r}")
+            raise ConfigError(f"packing must be one of {PACKING_MODES}, got {mode!r}")
         self.block_size, self.mode, self.eos = block_size, mode, eos_token_id
         self.stats = PackingStats()
         self.carry = np.empty(0, dtype=np.int32)

@@ -4,7 +4,10 @@
 """
 
 import argparse
+import sys
 from dataclasses import dataclass, field
+
+from utils.errors import run_main
 
 
 @dataclass
@@ -60,4 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

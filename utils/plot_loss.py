@@ -7,12 +7,15 @@ scaling-law figure).
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+
+from utils.errors import MissingInputError, run_main  # noqa: E402
 
 
 def read_log_history(run: str | Path) -> list[dict]:
@@ -23,7 +26,7 @@ def read_log_history(run: str | Path) -> list[dict]:
     for path in candidates:
         if path.is_file():
             return json.loads(path.read_text())["log_history"]
-    raise FileNotFoundError(f"no trainer_state.json in {run}")
+    raise MissingInputError(f"no trainer_state.json in {run}")
 
 
 def series(log_history: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -78,4 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

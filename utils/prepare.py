@@ -171,10 +171,21 @@ def _merge_counts(total: SkipCounter, part: dict) -> None:
         total.first_seen.setdefault(reason, part["first_seen"][reason])  # units arrive in data order
 
 
+def _files_phrase(preparation: Preparation) -> str:
+    files = preparation.files
+    return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+
+def _no_records_message(preparation: Preparation) -> str:
+    return (f"{_files_phrase(preparation)}: no {preparation.name} records at all (empty, or blank lines only): check "
+            "--data_files")
+
+
 def _no_rows_message(preparation: Preparation, report: dict) -> str:
     records = SkipCounter.from_dict(report["records"])
-    files = ", ".join(preparation.files[:3]) + (f" and {len(preparation.files) - 3} more" if len(preparation.files) > 3
-                                                 else "")
+    if not records.kept and not records.skipped:
+        return _no_records_message(preparation)
+    files = _files_phrase(preparation)
     reasons = "; ".join(f"{count} {reason} (first at {records.first_seen[reason]})"
                         for reason, count in records.skipped.most_common(3))
     detail = report.get("no_rows_hint", "")
@@ -248,10 +259,12 @@ def check_kept_fraction(preparation: Preparation, report: dict, min_kept_fractio
     like success."""
     records = SkipCounter.from_dict(report["records"])
     total = records.kept + sum(records.skipped.values())
-    if total and records.kept < min_kept_fraction * total:
+    if not total:
+        raise DataError(_no_records_message(preparation))
+    if records.kept < min_kept_fraction * total:
         reasons = "; ".join(f"{count} {reason} (first at {records.first_seen[reason]})"
                             for reason, count in records.skipped.most_common(3))
-        raise DataError(f"{preparation.files[0]}{' and the other files' if len(preparation.files) > 1 else ''}: only "
+        raise DataError(f"{_files_phrase(preparation)}: only "
                         f"{records.kept} of {total} {preparation.name} records are usable ({records.kept / total:.0%}, "
                         f"below min_kept_fraction {min_kept_fraction}): skipped {reasons}. Fix the data, or lower "
                         "--min_kept_fraction if that is really what you want.")

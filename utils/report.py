@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from utils.config import REPO_ROOT, repo_path
+from utils.errors import run_main
 from utils.metrics import heldout_metrics
 from utils.throughput import human_count, human_duration
 
@@ -295,4 +296,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

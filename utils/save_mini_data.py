@@ -9,16 +9,19 @@ Rows are drawn uniformly (seeded) across all parquet files of --source and writt
 
 import argparse
 import random
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from utils.errors import MissingInputError, run_main
+
 
 def sample_rows(source: str, rows: int, seed: int) -> pa.Table:
     files = sorted(Path(source).rglob("*.parquet")) if Path(source).is_dir() else [Path(source)]
     if not files:
-        raise FileNotFoundError(f"no parquet files under {source}")
+        raise MissingInputError(f"no parquet files under {source}")
     counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
     total = sum(counts)
     picked = sorted(random.Random(seed).sample(range(total), min(rows, total)))
@@ -46,4 +49,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from utils.errors import MissingInputError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER_DIR = REPO_ROOT / "models" / "Qwen2.5-0.5B-Instruct"
 logger = logging.getLogger("mini_qwen")
@@ -147,7 +149,7 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     if path is None and (DEFAULT_TOKENIZER_DIR / "vocab.json").exists():
         path = DEFAULT_TOKENIZER_DIR
     if path is not None and not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer folder not found: {path}")
+        raise MissingInputError(f"tokenizer folder not found: {path}")
     return _finish(_load(str(path) if path is not None else None))
 
 
