@@ -32,6 +32,7 @@ from utils.data import DataError
 from utils.errors import ConfigError, MissingInputError, run_main
 from utils.metrics import heldout_metrics, repetition_report
 from utils.modeling import load_checkpoint
+from utils.report import pipeline_report
 
 # The original's four prompts, and a few more in both languages.
 DEFAULT_PROMPTS = [
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="results/eval", help="where the batch report is written")
     parser.add_argument("--sweep_repetition_penalty", type=float, nargs="+", default=None,
                         help="run the batch once per value, e.g. 1.0 1.1 1.3")
+    parser.add_argument("--pipeline_report", default=None, metavar="RESULTS_DIR",
+                        help="then write RESULTS_DIR/report.md linking its stage reports and this one (run.sh all)")
     parser.add_argument("--eval_text", default=None, help="held-out text file: report loss and bits per byte")
     # decoding (defaults: the checkpoint's generation_config)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -234,6 +237,8 @@ def main(argv=None):
     (output_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2))
     (output_dir / "report.md").write_text(to_markdown(report))
     print(f"report written to {output_dir / 'report.md'} and report.json")
+    if args.pipeline_report:
+        print(f"wrote {pipeline_report(repo_path(args.pipeline_report))}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #   bash run.sh all [--gpus N] [--bg]         full recipe: PT -> SFT -> DPO -> eval report
 #   bash run.sh eval [mini_qwen_eval.py flags]
 #   bash run.sh ablation [utils/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
+#   bash run.sh bench [--tiny]                every GPU figure of docs/BENCHMARKS.md, one table (--tiny: CPU, tiny model)
 #
 # --gpus N  prepares the stage's data with every core (`--prepare_only`, one plain process), then trains under
 #           `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml); without it, plain
@@ -17,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 [[ $# -ge 1 ]] || usage 1
 command=$1
@@ -41,6 +42,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $gpus =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --gpus needs a positive number, got '$gpus'" >&2; exit 2; }
+if [[ $command == demo || -n $recipe_prefix ]]; then
+  # The demo trains on the CPU, where each step allocates and frees ~0.6 GB of logits (151,936-token vocabulary).
+  # glibc hands such blocks back to the kernel at every free and page-faults them in again: half of each step was
+  # system time. Keeping them in the (huge-page) heap halved the tiny model's step time here (docs/BENCHMARKS.md).
+  export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}
+fi
 
 stage() {  # stage NAME [flags...]: one training stage with its YAML recipe
   local name=$1 recipe=$recipe_prefix$1
@@ -58,14 +65,18 @@ stage() {  # stage NAME [flags...]: one training stage with its YAML recipe
 }
 
 pipeline() {  # pipeline RESULTS_DIR [PT flags...]: PT -> SFT -> DPO -> eval, each stage after the one it needs
-  local results=$1
+  local results=$1 started=$SECONDS times=()
   shift
   stage pt "$@"
+  times+=("pt $((SECONDS - started)) s"); started=$SECONDS
   stage sft
+  times+=("sft $((SECONDS - started)) s"); started=$SECONDS
   stage dpo
+  times+=("dpo $((SECONDS - started)) s"); started=$SECONDS
   python mini_qwen_eval.py --model_path "$results/pt" "$results/sft" "$results/dpo" --prompts default \
-    --output_dir "$results/eval" ${recipe_prefix:+--max_new_tokens 48}
-  python -m utils.report pipeline "$results"
+    --output_dir "$results/eval" --pipeline_report "$results" ${recipe_prefix:+--max_new_tokens 32}
+  times+=("eval and report $((SECONDS - started)) s")
+  echo "time per stage: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'); total $SECONDS s"
 }
 
 demo() {
@@ -83,6 +94,7 @@ case $command in
   pt|sft|dpo) target="stage $command" ;;
   eval) target="python mini_qwen_eval.py" ;;
   ablation) target="python -m utils.ablation" ;;
+  bench) target="python -m utils.benchmark suite" ;;
   -h|--help) usage 0 ;;
   *) echo "run.sh: unknown command '$command'" >&2; usage 2 ;;
 esac

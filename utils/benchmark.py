@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -400,6 +401,112 @@ def lean_curve_benchmark(args) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
+# Every GPU figure docs/BENCHMARKS.md asks for, as `step` flags: one process per row (memory and compile caches of
+# one measurement never leak into the next).
+SUITE_ROWS = [
+    ("PT, the original's recipe", ["--stage", "pt", "--recipe", "original"]),
+    ("PT, ours", ["--stage", "pt"]),
+    ("PT, ours + Liger kernels", ["--stage", "pt", "--liger"]),
+    ("PT, ours + torch.compile", ["--stage", "pt", "--compile"]),
+    ("PT, ours + activation checkpointing", ["--stage", "pt", "--activation_checkpointing"]),
+    ("SFT, padded batches", ["--stage", "sft"]),
+    ("SFT, padding-free", ["--stage", "sft", "--padding_free"]),
+    ("DPO, reference forward every step", ["--stage", "dpo", "--micro_batch", "8"]),
+    ("DPO, precomputed reference", ["--stage", "dpo", "--micro_batch", "8", "--precompute_ref"]),
+    ("lean preset, memory by kind", ["--recipe", "lean", "--micro_batch", "1", "--track_memory"]),
+]
+# The largest PT micro-batch that fits, for both recipes: these sizes in turn until one fails.
+SUITE_MICRO_BATCHES = {"gpu": [12, 16, 24, 32, 48, 64, 96], "tiny": [2, 4]}
+SUITE_TINY = ["--model_config", "models/mini_qwen_tiny", "--seq_len", "16", "--micro_batch", "2", "--steps", "2",
+              "--warmup", "1", "--attn_implementation", "sdpa"]
+
+
+def _suite_child(argv: list[str], connection) -> None:
+    try:
+        connection.send(main(["step", *argv], quiet=True)[0])
+    except torch.OutOfMemoryError:
+        connection.send({"error": "out of memory"})
+    except ImportError as error:
+        connection.send({"error": f"not installed: {error.name or error}"})
+    except Exception as error:  # a row that cannot run is a row saying why, not the end of the suite
+        connection.send({"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"})
+
+
+def run_row(argv: list[str], timeout: float) -> dict:
+    """`step` with `argv` in a forked process of its own: its result, or {"error": why it did not finish}. Forked,
+    not spawned, so that no row pays for the imports again; the parent never touches CUDA, so forking is safe."""
+    import multiprocessing
+
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(target=_suite_child, args=(argv, sender))
+    child.start()
+    sender.close()
+    try:
+        result = receiver.recv() if receiver.poll(timeout) else {"error": f"no result in {timeout:.0f} s"}
+    except EOFError:  # the child died without a word: a crash in native code, or the kernel's OOM killer
+        result = None
+    child.join(5)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    return result or {"error": f"the process died (exit code {child.exitcode})"}
+
+
+def suite(args) -> list[dict]:
+    """Each SUITE_ROWS measurement and the largest-micro-batch search, one row each, into a Markdown table."""
+    tiny = SUITE_TINY if args.tiny else []
+    rows = []
+
+    def measure(name: str, flags: list[str]) -> dict:
+        argv = [*flags, *tiny, *args.step_flags]
+        result = {"name": name, "command": shlex.join(["python", "-m", "utils.benchmark", "step", *argv]),
+                  **run_row(argv, args.row_timeout)}
+        rows.append(result)
+        outcome = result.get("error") or f"{result['tokens_per_second']:,} tokens/s"
+        print(f"[{len(rows)}] {name}: {outcome}", flush=True)
+        return result
+
+    for name, flags in SUITE_ROWS:
+        measure(name, flags)
+    for recipe in ("original", "ours"):
+        fits = None
+        for micro_batch in SUITE_MICRO_BATCHES["tiny" if args.tiny else "gpu"]:
+            result = measure(f"PT, {recipe}: micro-batch {micro_batch}",
+                             ["--stage", "pt", "--recipe", recipe, *tiny, "--micro_batch", str(micro_batch)])
+            if "error" in result:
+                break
+            fits = micro_batch
+        rows.append({"name": f"PT, {recipe}: largest micro-batch that fits", "command": "the rows above",
+                     "largest_micro_batch": fits})
+    output = Path(repo_path(args.output_md))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(suite_markdown(rows, args.tiny), encoding="utf-8")
+    print(f"suite table written to {output}")
+    return rows
+
+
+def suite_markdown(rows: list[dict], tiny: bool) -> str:
+    measured = next((row for row in rows if "versions" in row), {})
+    environment = ", ".join(f"{name} {version}" for name, version in measured.get("versions", versions()).items())
+    lines = [f"# Benchmark suite{' --tiny (the tiny model, same code paths)' if tiny else ''}", "",
+             f"{time.strftime('%Y-%m-%d')}, device: {measured.get('device', 'n/a')}; {environment}", "",
+             "| measurement | tokens/s per device | MFU | peak memory | step (median) | command |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if "largest_micro_batch" in row:
+            cells = [f"largest that fits: {row['largest_micro_batch'] or 'none'}", "", "", ""]
+        elif "error" in row:
+            cells = [f"did not run: {row['error']}", "", "", ""]
+        else:
+            by_kind = row.get("memory_breakdown_gb")
+            memory = f"{row['peak_memory_gb']} GB" + (
+                f" ({', '.join(f'{kind} {gb} GB' for kind, gb in by_kind.items())})" if by_kind else "")
+            cells = [f"{row['tokens_per_second']:,}", f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a (no GPU)",
+                     memory, f"{row['step_seconds_median']} s"]
+        lines.append(f"| {row['name']} | {' | '.join(cells)} | `{row['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_row(result: dict) -> str:
     if result.get("benchmark") == "lean_curve":
         return (f"| lean_curve | {result['lean_moments']} moments, {result['steps']} steps | max gap "
@@ -423,7 +530,7 @@ def markdown_row(result: dict) -> str:
             f"{mfu} | {result['peak_memory_gb']} GB | {result['step_seconds_median']} s | {settings} |")
 
 
-def main(argv=None):
+def main(argv=None, quiet: bool = False):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_prep_child":
         _, which, corpus, block_size, cache_dir, workers = argv
@@ -467,14 +574,20 @@ def main(argv=None):
     curve.add_argument("--lean_moments", choices=["bf16", "8bit"], default="bf16")
     curve.add_argument("--heldout_text", default="mini_data/heldout/heldout.txt")
     curve.add_argument("--output_dir", default="results/lean_curve")
-    for command in (step, prep, curve):
+    suite_parser = sub.add_parser("suite", help="every GPU measurement, one process each, into one Markdown table")
+    suite_parser.add_argument("--tiny", action="store_true", help="the same rows on the tiny model (CPU, minutes)")
+    suite_parser.add_argument("--row_timeout", type=float, default=600, help="seconds before a row is given up")
+    suite_parser.add_argument("--output_md", default="results/bench/suite.md")
+    for command in (step, prep, curve, suite_parser):
         command.add_argument("--output", default=None, help="append the JSON results to this file")
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "lean_curve":
+    if extra and args.command not in ("lean_curve", "suite"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.extra = extra  # lean_curve passes them on to both PT runs
+    args.extra = args.step_flags = extra  # lean_curve: flags for both PT runs; suite: flags for every row
 
-    if args.command == "step":
+    if args.command == "suite":
+        results = suite(args)
+    elif args.command == "step":
         results = [step_benchmark(args)]
     elif args.command == "lean_curve":
         results = [lean_curve_benchmark(args)]
@@ -483,8 +596,9 @@ def main(argv=None):
     else:
         results = data_prep_benchmark(args)
     for result in results:
-        print(json.dumps(result))
-        print(markdown_row(result))
+        if not quiet and args.command != "suite":
+            print(json.dumps(result))
+            print(markdown_row(result))
         if args.output:
             with open(repo_path(args.output), "a") as handle:
                 handle.write(json.dumps(result) + "\n")
