@@ -28,6 +28,7 @@ from trl.data_utils import common_prefix_length
 
 from utils.chat import ChatTokens
 from utils.config import parse_stage_args, repo_path
+from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
 from utils.errors import run_main
 from utils.modeling import build_model
@@ -36,7 +37,8 @@ from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare
                            tokenizer_fingerprint)
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_stage_tokenizer
-from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
+from utils.training import (before_training, save_and_report, stage_callbacks, stop_if_interrupted,
+                            write_data_report)
 
 
 @dataclass
@@ -76,7 +78,7 @@ def preference_preparation(files, tokenizer, script_args, training_args, key) ->
     return Preparation("dpo", files, key, shape, schema, Features({c: List(Value("int32")) for c in columns}))
 
 
-class PreparedDPOTrainer(DPOTrainer):
+class PreparedDPOTrainer(SkipSamplesMixin, DPOTrainer):
     """DPOTrainer on rows that utils.prepare tokenized as TRL would: TRL 1.16 has no switch to skip its own
     tokenization, which would repeat the work on the main process while every other rank waits in a barrier."""
 
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None):
     model = apply_lora(model, lora_args, logger)
 
     callbacks = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"), script_args)
-    trainer = with_skip_samples(PreparedDPOTrainer, crash_args)(
+    trainer = PreparedDPOTrainer(
+        skip_samples=crash_args.skip_samples,
         model=model,
         ref_model=None,  # TRL builds the frozen reference itself (or disables the adapters under LoRA)
         args=training_args,
@@ -119,7 +122,10 @@ def main(argv: list[str] | None = None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    train_and_save(trainer, tokenizer, "dpo")
+    checkpoint = before_training(trainer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    stop_if_interrupted(trainer, "dpo")
+    save_and_report(trainer, tokenizer, "dpo")
 
 
 if __name__ == "__main__":

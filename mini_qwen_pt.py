@@ -27,6 +27,7 @@ import utils  # noqa: F401  (first: it silences import-time noise, see utils/__i
 from transformers import Trainer, TrainingArguments
 
 from utils.config import parse_stage_args, repo_path
+from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
 from utils.errors import run_main
 from utils.modeling import build_model, check_weight_precision, stochastic_rounding_adamw
@@ -35,7 +36,8 @@ from utils.peft_utils import apply_lora
 from utils.prepare import DataArguments, code_fingerprint, prepare_or_load, tokenizer_fingerprint
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_tokenizer
-from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
+from utils.training import (before_training, save_and_report, stage_callbacks, stop_if_interrupted,
+                            write_data_report)
 
 
 @dataclass
@@ -83,6 +85,10 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
     return dataset
 
 
+class PretrainTrainer(SkipSamplesMixin, Trainer):
+    """Trainer that can leave out the micro-batches of --skip_samples (after a bad data shard)."""
+
+
 def main(argv: list[str] | None = None):
     script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
         PretrainArguments, TrainingArguments, argv)
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None):
     model = apply_lora(model, lora_args, logger)
 
     callbacks = stage_callbacks(crash_args, throughput_args=script_args)
-    trainer = with_skip_samples(Trainer, crash_args)(
+    trainer = PretrainTrainer(
+        skip_samples=crash_args.skip_samples,
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -107,7 +114,10 @@ def main(argv: list[str] | None = None):
         callbacks=callbacks,
         optimizer_cls_and_kwargs=stochastic_rounding_adamw(training_args) if script_args.stochastic_rounding else None,
     )
-    train_and_save(trainer, tokenizer, "pt")
+    checkpoint = before_training(trainer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    stop_if_interrupted(trainer, "pt")
+    save_and_report(trainer, tokenizer, "pt")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from trl.data_utils import pack_dataset
 from utils.chat import (DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, ChatTokens, add_system_prompt,
                         fill_identity, select_turns)
 from utils.config import parse_stage_args, repo_path
+from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, files_fingerprint, iter_normalized, resolve_data_files
 from utils.errors import ConfigError, run_main
 from utils.modeling import build_model
@@ -42,7 +43,8 @@ from utils.prepare import (DataArguments, Preparation, UnitStats, code_fingerpri
                            tokenizer_fingerprint)
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_stage_tokenizer
-from utils.training import stage_callbacks, train_and_save, with_skip_samples, write_data_report
+from utils.training import (before_training, save_and_report, stage_callbacks, stop_if_interrupted,
+                            write_data_report)
 
 
 @dataclass
@@ -124,6 +126,10 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
     return dataset
 
 
+class SFTStageTrainer(SkipSamplesMixin, SFTTrainer):
+    """SFTTrainer that can leave out the micro-batches of --skip_samples (after a bad data shard)."""
+
+
 def main(argv: list[str] | None = None):
     script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
         SFTScriptArguments, SFTConfig, argv)
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None):
     model = apply_lora(model, lora_args, logger)
 
     callbacks = stage_callbacks(crash_args, throughput_args=script_args)
-    trainer = with_skip_samples(SFTTrainer, crash_args)(
+    trainer = SFTStageTrainer(
+        skip_samples=crash_args.skip_samples,
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -156,7 +163,10 @@ def main(argv: list[str] | None = None):
     )
     if training_args.packing or training_args.padding_free:
         trainer.data_collator = DocumentMaskCollator(trainer.data_collator, model.config._attn_implementation)
-    train_and_save(trainer, tokenizer, "sft")
+    checkpoint = before_training(trainer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    stop_if_interrupted(trainer, "sft")
+    save_and_report(trainer, tokenizer, "sft")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,39 @@ def test_skip_ranges_are_validated():
     for bad in ("20:10", "x:y", "5"):
         with pytest.raises(ValueError, match="--skip_samples"):
             parse_ranges([bad])
+
+
+def test_skip_samples_counts_every_micro_batch_of_gradient_accumulation():
+    """With 2 micro-batches of 2 samples per optimizer step, samples 6-7 are the second micro-batch of step 1: only
+    that one contributes a zero loss."""
+    from types import SimpleNamespace
+
+    from utils.crash_safety import SkipSamplesMixin
+
+    class Counting:
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return torch.tensor(1.0)
+
+    class Trainer(SkipSamplesMixin, Counting):
+        pass
+
+    trainer = Trainer(skip_samples=["6:8"])
+    trainer.args = SimpleNamespace(per_device_train_batch_size=2, world_size=1, gradient_accumulation_steps=2)
+    trainer.state = SimpleNamespace(global_step=0)
+    model = torch.nn.Linear(2, 1).train()
+    losses = []
+    for step in range(3):
+        trainer.state.global_step = step
+        losses += [trainer.compute_loss(model, {}).item() for _ in range(2)]
+    assert losses == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+
+
+def test_resume_auto_skips_a_checkpoint_whose_save_did_not_finish(tmp_path):
+    from utils.checkpoint import COMPLETE_MARKER, resolve_resume
+
+    for step in (4, 8, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (4, 8):
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+    # checkpoint-12 has no marker: the process died while writing it
+    assert resolve_resume("auto", str(tmp_path)) == str(tmp_path / "checkpoint-8")

@@ -23,10 +23,6 @@ def test_lr_5e7_moves_the_weights_and_the_reward_margin(sft_checkpoint, tmp_path
     changed = sum(int((before[k] != after[k]).sum()) for k in before)
     total = sum(t.numel() for t in before.values())
     assert changed / total > 0.9, f"only {changed / total:.1%} of the weights moved"
-    # The same updates applied to bf16 weights would be rounded away: the original's DPO could not move.
-    weight = before["model.layers.0.mlp.down_proj.weight"]
-    moved_in_bf16 = weight.bfloat16() + (after["model.layers.0.mlp.down_proj.weight"] - weight).bfloat16()
-    assert (moved_in_bf16 == weight.bfloat16()).float().mean() > 0.9
 
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     logged = [entry for entry in history if "rewards/margins" in entry]

@@ -1,8 +1,12 @@
 """The evaluator: interactive chat through a pipe, batch reports with repetition metrics, held-out bits per byte."""
 
 import json
+import math
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from conftest import REPO
 
@@ -38,6 +42,16 @@ def test_batch_report_compares_checkpoints_with_metrics(pt_checkpoint, sft_check
         assert len(run["outputs"]) == 2 and run["tokens_per_second"] > 0
         assert set(run["outputs"][0]["repetition"]) >= {"distinct_1", "distinct_2", "repeated_4gram_share",
                                                         "longest_repeat_chars", "looping"}
-        assert 0 < run["heldout"]["bits_per_byte"] < 30
+    # bits per byte by its definition: the summed next-token loss in bits over the text's UTF-8 bytes
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = heldout.read_text()
+    for checkpoint, runs in ((pt_checkpoint, report["runs"][:2]), (sft_checkpoint, report["runs"][2:])):
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            nats = model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        for run in runs:
+            assert run["heldout"]["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-4)
     markdown = (out / "report.md").read_text()
     assert "## 李白是谁" in markdown and markdown.count("- run ") == 8

@@ -67,7 +67,8 @@ def test_every_assistant_token_is_trained_and_nothing_else(tokenizer, tmp_path, 
     for message in messages:
         if message["role"] != "assistant":
             assert message["content"] in untrained and message["content"] not in trained
-    assert labels.count(-100) + sum(label != -100 for label in labels) == len(ids)
+    # labels are the input ids themselves where trained (the model shifts them), not ids moved by one
+    assert len(labels) == len(ids) and all(label in (-100, token) for label, token in zip(labels, ids))
     assert ids.count(tokenizer.eos_token_id) == sum(label == tokenizer.eos_token_id for label in labels) + sum(
         m["role"] != "assistant" for m in messages)  # every assistant <|im_end|> trained, no other
 
@@ -174,6 +175,24 @@ def test_packed_rows_keep_each_sample_to_itself(tokenizer, tmp_path):
         for start, end in zip(starts, ends):
             alone = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
             torch.testing.assert_close(packed[start:end], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_a_padded_batch_of_several_conversations_trains_each_as_alone(tokenizer, tmp_path):
+    """Conversations of different lengths in one batch: the shorter ones are padded on the right with untrained
+    positions, and each row's ids and labels are those of the conversation in a batch of its own."""
+    conversations = [CASES["single turn"], CASES["multi turn"], CASES["with system prompt"]]
+    batch = trained_batch(tokenizer, conversations, tmp_path)
+    alone = [trained_batch(tokenizer, [conversation], tmp_path) for conversation in conversations]
+    rows = []
+    for single in alone:  # the sampler shuffles: find each conversation's row by its ids
+        length = single["input_ids"].shape[1]
+        (row,) = [r for r in range(len(conversations))
+                  if batch["input_ids"][r, :length].tolist() == single["input_ids"][0].tolist()]
+        assert batch["labels"][row, :length].tolist() == single["labels"][0].tolist()
+        assert (batch["labels"][row, length:] == -100).all() and (batch["attention_mask"][row, length:] == 0).all()
+        rows.append(row)
+    assert sorted(rows) == [0, 1, 2]
+    assert batch["input_ids"].shape[1] == max(single["input_ids"].shape[1] for single in alone)
 
 
 def test_identity_data_is_mixed_in_with_its_placeholders_filled(tokenizer, tmp_path):

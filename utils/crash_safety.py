@@ -103,10 +103,13 @@ class AnomalyGuard(TrainerCallback):
 
 
 class SkipSamplesMixin:
-    """Put before a Trainer class: micro-batches whose training-order positions meet a skip range contribute a zero
-    loss (still backpropagated, so DDP/DeepSpeed ranks and gradient accumulation stay in step)."""
+    """Put before a Trainer class, and give it `skip_samples=crash_args.skip_samples`: micro-batches whose
+    training-order positions meet a skip range contribute a zero loss (still backpropagated, so DDP/DeepSpeed ranks
+    and gradient accumulation stay in step)."""
 
-    skip_ranges: list[tuple[int, int]] = []
+    def __init__(self, *args, skip_samples: list[str] = (), **kwargs):
+        self.skip_ranges = parse_ranges(skip_samples)
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.skip_ranges and model.training and not return_outputs:

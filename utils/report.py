@@ -2,7 +2,7 @@
 
     python -m utils.report pipeline results/demo    # -> results/demo/report.md, linking the stage and eval reports
 
-A stage's card (written on rank 0 after the final save, utils.training.train_and_save) holds what it takes to
+A stage's card (written on rank 0 after the final save, utils.training.save_and_report) holds what it takes to
 judge and repeat the run: the command line; the resolved config beside the recipe's, each value that differs shown
 in bold with where it came from (the command line, or start-up: bf16 falling back to fp16, the SFT stage turning
 TRL's assistant_only_loss off for its own labels); the git commit, library versions and hardware; what the data

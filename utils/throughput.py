@@ -107,7 +107,7 @@ def human_count(value: float) -> str:
 
 class ThroughputCallback(TrainerCallback, ExportableState):
     """See the module docstring. It must come before the reporting integrations in the Trainer's callback list
-    (utils.training.train_and_save puts it first): they read `logs` in the same on_log call."""
+    (utils.training.before_training puts it first): they read `logs` in the same on_log call."""
 
     def __init__(self, peak_tflops: float | None = None):
         self.peak_tflops = peak_tflops

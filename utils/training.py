@@ -6,17 +6,11 @@ from pathlib import Path
 
 from utils.callbacks import LossPlotCallback, SigtermCallback
 from utils.checkpoint import CheckpointCompleteCallback, check_resumable, resolve_resume, save_final_model
-from utils.crash_safety import AnomalyGuard, CrashSafetyArguments, SkipSamplesMixin, parse_ranges
+from utils.crash_safety import AnomalyGuard, CrashSafetyArguments
 from utils.report import write_stage_report
 from utils.throughput import ThroughputArguments, ThroughputCallback
 
 logger = logging.getLogger("mini_qwen")
-
-
-def with_skip_samples(trainer_class, crash_args: CrashSafetyArguments):
-    """`trainer_class` that gives the --skip_samples ranges no gradient."""
-    return type(trainer_class.__name__, (SkipSamplesMixin, trainer_class),
-                {"skip_ranges": parse_ranges(crash_args.skip_samples)})
 
 
 def stage_callbacks(crash_args: CrashSafetyArguments, plot_keys=("loss", "grad_norm", "learning_rate"),
@@ -29,10 +23,9 @@ def _callback(trainer, kind):
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
 
 
-def train_and_save(trainer, tokenizer, stage: str) -> None:
-    """Train (resuming as asked), then save the final model and write its report card (utils.report, with the
-    held-out bits per byte), unless the run was stopped early: then the last checkpoint is what to resume from,
-    and the process exits non-zero saying why."""
+def before_training(trainer) -> str | None:
+    """Log how the run is launched and return the checkpoint `--resume_from_checkpoint` names (`auto`: the newest
+    complete one), after checking it can be resumed with this batch geometry."""
     args = trainer.args
     weights = str(next(trainer.model.parameters()).dtype).replace("torch.", "")
     precision = f"{weights} weights, " + ("bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else
@@ -44,24 +37,35 @@ def train_and_save(trainer, tokenizer, stage: str) -> None:
         optimizer, _ = trainer.optimizer_cls_and_kwargs or trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
         logger.info("launch: %d process(es), no DeepSpeed, %s, optimizer %s", args.world_size, precision,
                     optimizer.__name__)
+    # The throughput numbers must be in `logs` before the reporting integrations (tensorboard, wandb), which the
+    # Trainer puts ahead of the stage's callbacks, read them in the same on_log call.
+    trainer.callback_handler.callbacks.sort(key=lambda callback: not isinstance(callback, ThroughputCallback))
     checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if checkpoint:
         check_resumable(checkpoint, args, trainer.is_deepspeed_enabled)
-    # The throughput numbers must be in `logs` before the reporting integrations (tensorboard, wandb) read them.
-    trainer.callback_handler.callbacks.sort(key=lambda callback: not isinstance(callback, ThroughputCallback))
-    trainer.train(resume_from_checkpoint=checkpoint)
+    return checkpoint
+
+
+def stop_if_interrupted(trainer, stage: str) -> None:
+    """A run the anomaly guard or SIGTERM stopped exits non-zero saying why, before any final save: the last
+    checkpoint is what to resume from (the weights in memory may have taken the bad step)."""
     guard = _callback(trainer, AnomalyGuard)
     if guard.tripped:
-        # The weights in memory took the bad step: they are not saved.
         raise SystemExit(f"{stage}: training stopped at step {guard.tripped['step']} ({guard.tripped['problem']}); "
-                         f"see {args.output_dir}/anomaly.json for the checkpoint and --skip_samples to resume with")
+                         f"see {trainer.args.output_dir}/anomaly.json for the checkpoint and --skip_samples to resume "
+                         "with")
     if _callback(trainer, SigtermCallback).received:
         raise SystemExit(f"{stage}: stopped by SIGTERM at step {trainer.state.global_step} after saving a checkpoint; "
                          "continue with --resume_from_checkpoint auto")
-    save_final_model(trainer, tokenizer, args.output_dir, stage)
+
+
+def save_and_report(trainer, tokenizer, stage: str) -> None:
+    """The final model in a folder that loads anywhere (utils.checkpoint.save_final_model), and its report card
+    (utils.report, with the held-out bits per byte)."""
+    save_final_model(trainer, tokenizer, trainer.args.output_dir, stage)
     if trainer.is_world_process_zero():
-        report = write_stage_report(args.output_dir, stage, args, trainer.model, tokenizer)
-        logger.info("report card: %s", report)
+        logger.info("report card: %s", write_stage_report(trainer.args.output_dir, stage, trainer.args, trainer.model,
+                                                          tokenizer))
 
 
 def write_data_report(training_args, report: dict) -> None:
