@@ -17,8 +17,15 @@ logger = logging.getLogger("mini_qwen")
 # evaluated was greedy with no repetition penalty, which makes small models loop.
 GENERATION_DEFAULTS = dict(
     do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1, max_new_tokens=512,
-    bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643,
 )
+
+
+def generation_token_ids(tokenizer) -> dict:
+    """What generation starts, stops and pads with, from the tokenizer the checkpoint is saved with: a chat reply
+    ends at its end-of-turn token (the tokenizer's eos, <|im_end|>), raw text at the end of the document (the pad
+    token, <|endoftext|>), as Qwen2.5-Instruct's generation_config has it."""
+    return {"bos_token_id": tokenizer.pad_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": [tokenizer.eos_token_id, tokenizer.pad_token_id]}
 
 
 def check_model_config(config: PretrainedConfig, source: str = "model config") -> None:
