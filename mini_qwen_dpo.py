@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None):
     if script_args.prepare_only:
         return
 
-    model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
+    model = build_model(None, init_from, script_args.attn_implementation, training_args.seed, tokenizer=tokenizer)
     model = apply_lora(model, lora_args, logger)
 
     callbacks = stage_callbacks(crash_args, ("loss", "rewards/accuracies", "rewards/margins"), script_args)

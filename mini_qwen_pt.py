@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None):
         return
 
     model = build_model(repo_path(script_args.model_config), repo_path(script_args.init_from),
-                        script_args.attn_implementation, training_args.seed, script_args.weights_dtype)
+                        script_args.attn_implementation, training_args.seed, script_args.weights_dtype, tokenizer)
     model = apply_lora(model, lora_args, logger)
 
     callbacks = stage_callbacks(crash_args, throughput_args=script_args)

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None):
     if training_args.padding_free and not training_args.packing:
         training_args.max_length = None
 
-    model = build_model(None, init_from, script_args.attn_implementation, training_args.seed)
+    model = build_model(None, init_from, script_args.attn_implementation, training_args.seed, tokenizer=tokenizer)
     model = apply_lora(model, lora_args, logger)
 
     callbacks = stage_callbacks(crash_args, throughput_args=script_args)

@@ -117,9 +117,6 @@ def save_final_model(trainer, tokenizer, output_dir: str, stage: str) -> None:
     `AutoModelForCausalLM.from_pretrained` + `AutoTokenizer.from_pretrained` load with no project code, plus
     trainer_state.json (the logged curves), and mini_qwen_stage.json saying which stage made it (the evaluator
     picks raw-text or chat mode from it)."""
-    from utils.modeling import generation_token_ids
-
-    trainer.model.generation_config.update(**generation_token_ids(tokenizer))
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)

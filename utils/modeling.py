@@ -122,8 +122,9 @@ def load_model_config(path: str | Path) -> PretrainedConfig:
 
 
 def build_model(model_config: str | None, init_from: str | None, attn_implementation: str = "auto",
-                seed: int = 42, weights_dtype: str = "float32") -> PreTrainedModel:
-    """A causal LM: randomly initialised from `model_config`, or loaded from the checkpoint `init_from`.
+                seed: int = 42, weights_dtype: str = "float32", tokenizer=None) -> PreTrainedModel:
+    """A causal LM: randomly initialised from `model_config`, or loaded from the checkpoint `init_from`, with the
+    sampling defaults and, given the stage's tokenizer, its stop and pad tokens in its generation_config.
     The random init is seeded (the Trainer seeds only after the model exists), so a run can be repeated exactly.
 
     Weights are float32 by default (the optimizer's master copy) and bf16 comes from autocast: an AdamW update of
@@ -144,7 +145,8 @@ def build_model(model_config: str | None, init_from: str | None, attn_implementa
         config = load_model_config(model_config)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
         source = f"{model_config} (random init)"
-    model.generation_config = GenerationConfig(**GENERATION_DEFAULTS)
+    model.generation_config = GenerationConfig(**GENERATION_DEFAULTS,
+                                               **(generation_token_ids(tokenizer) if tokenizer else {}))
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("model: %s, %s parameters, attention=%s, weights %s", source, f"{parameters:,}", attention,
                 weights_dtype)
