@@ -53,14 +53,14 @@ stage() {  # stage NAME [flags...]: one training stage with its YAML recipe
   local name=$1 recipe=$recipe_prefix$1
   shift
   [[ $name == pt && -z $recipe_prefix ]] && recipe=$pt_recipe
-  local command=("mini_qwen_$name.py" --config "configs/$recipe.yaml" "$@")
+  local stage_command=("mini_qwen_$name.py" --config "configs/$recipe.yaml" "$@")
   if [[ $gpus -gt 1 ]]; then
     # Data first, in one process with every core: the launched ranks then only memory-map it, and no rank waits
     # in a collective while another prepares (NCCL would time out).
-    python "${command[@]}" --prepare_only
-    accelerate launch --config_file "$accelerate_config" --num_processes "$gpus" "${command[@]}"
+    python "${stage_command[@]}" --prepare_only
+    accelerate launch --config_file "$accelerate_config" --num_processes "$gpus" "${stage_command[@]}"
   else
-    python "${command[@]}"
+    python "${stage_command[@]}"
   fi
 }
 
@@ -76,7 +76,9 @@ pipeline() {  # pipeline RESULTS_DIR [PT flags...]: PT -> SFT -> DPO -> eval, ea
   python mini_qwen_eval.py --model_path "$results/pt" "$results/sft" "$results/dpo" --prompts default \
     --output_dir "$results/eval" --pipeline_report "$results" ${recipe_prefix:+--max_new_tokens 32}
   times+=("eval and report $((SECONDS - started)) s")
-  echo "time per stage: $(IFS=,; echo "${times[*]}" | sed 's/,/, /g'); total $SECONDS s"
+  local joined
+  joined=$(printf '%s, ' "${times[@]}")
+  echo "time per stage: ${joined%, }; total $SECONDS s"
 }
 
 demo() {

@@ -42,7 +42,8 @@ def test_batch_report_compares_checkpoints_with_metrics(pt_checkpoint, sft_check
         assert len(run["outputs"]) == 2 and run["tokens_per_second"] > 0
         assert set(run["outputs"][0]["repetition"]) >= {"distinct_1", "distinct_2", "repeated_4gram_share",
                                                         "longest_repeat_chars", "looping"}
-    # bits per byte by its definition: the summed next-token loss in bits over the text's UTF-8 bytes
+    # bits per byte by its definition: the summed next-token loss in bits over the UTF-8 bytes it predicts (all but
+    # the first token's)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = heldout.read_text()
@@ -51,7 +52,8 @@ def test_batch_report_compares_checkpoints_with_metrics(pt_checkpoint, sft_check
         ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
         with torch.no_grad():
             nats = model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        predicted_bytes = len(text.encode()) - len(tokenizer.decode(ids[0, :1]).encode())
         for run in runs:
-            assert run["heldout"]["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-4)
+            assert run["heldout"]["bits_per_byte"] == pytest.approx(nats / math.log(2) / predicted_bytes, rel=1e-4)
     markdown = (out / "report.md").read_text()
     assert "## 李白是谁" in markdown and markdown.count("- run ") == 8
