@@ -50,6 +50,8 @@ def stop_if_interrupted(trainer, stage: str) -> None:
     """A run the anomaly guard or SIGTERM stopped exits non-zero saying why, before any final save: the last
     checkpoint is what to resume from (the weights in memory may have taken the bad step)."""
     guard = _callback(trainer, AnomalyGuard)
+    if guard.tripped or _callback(trainer, SigtermCallback).received:
+        end_processes(trainer)
     if guard.tripped:
         raise SystemExit(f"{stage}: training stopped at step {guard.tripped['step']} ({guard.tripped['problem']}); "
                          f"see {trainer.args.output_dir}/anomaly.json for the checkpoint and --skip_samples to resume "
@@ -66,6 +68,15 @@ def save_and_report(trainer, tokenizer, stage: str) -> None:
     if trainer.is_world_process_zero():
         logger.info("report card: %s", write_stage_report(trainer.args.output_dir, stage, trainer.args, trainer.model,
                                                           tokenizer))
+    end_processes(trainer)
+
+
+def end_processes(trainer) -> None:
+    """Every rank waits for the others, then closes the process group and the trackers. A rank that left the
+    script with its gloo/NCCL group still open while rank 0 wrote the report could abort at interpreter exit
+    ("terminate called without an active exception"), and the launcher then killed rank 0 mid-write."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def write_data_report(training_args, report: dict) -> None:
