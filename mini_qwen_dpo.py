@@ -27,12 +27,12 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import common_prefix_length
 
 from utils.chat import ChatTokens
-from utils.config import parse_stage_args, repo_path
+from utils.config import parse_stage_args, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
 from utils.errors import run_main
 from utils.modeling import build_model
-from utils.peft_utils import apply_lora
+from utils.lora import apply_lora
 from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare_or_load,
                            tokenizer_fingerprint)
 from utils.throughput import ThroughputArguments
@@ -100,8 +100,9 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
+    script_args, lora_args, crash_args, tracker_args, training_args = parse_stage_args(
         DPOScriptArguments, DPOConfig, argv)
+    logger = start_run(training_args, tracker_args)
 
     init_from = repo_path(script_args.init_from)
     tokenizer = load_stage_tokenizer(repo_path(script_args.tokenizer_path), init_from, script_args.prepare_only)

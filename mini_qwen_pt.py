@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import utils  # noqa: F401  (first: it silences import-time noise, see utils/__init__.py)
 from transformers import Trainer, TrainingArguments
 
-from utils.config import parse_stage_args, repo_path
+from utils.config import parse_stage_args, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
 from utils.errors import run_main
 from utils.modeling import build_model, check_weight_precision, stochastic_rounding_adamw
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_preparation
-from utils.peft_utils import apply_lora
+from utils.lora import apply_lora
 from utils.prepare import DataArguments, code_fingerprint, prepare_or_load, tokenizer_fingerprint
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_tokenizer
@@ -90,8 +90,9 @@ class PretrainTrainer(SkipSamplesMixin, Trainer):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
+    script_args, lora_args, crash_args, tracker_args, training_args = parse_stage_args(
         PretrainArguments, TrainingArguments, argv)
+    logger = start_run(training_args, tracker_args)
     check_weight_precision(script_args.weights_dtype, script_args.stochastic_rounding, training_args)
 
     tokenizer = load_tokenizer(repo_path(script_args.tokenizer_path))

@@ -32,13 +32,13 @@ from trl.data_utils import pack_dataset
 
 from utils.chat import (DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, ChatTokens, add_system_prompt,
                         fill_identity, select_turns)
-from utils.config import parse_stage_args, repo_path
+from utils.config import parse_stage_args, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, files_fingerprint, iter_normalized, resolve_data_files
 from utils.errors import ConfigError, run_main
 from utils.modeling import build_model
 from utils.packing import DocumentMaskCollator
-from utils.peft_utils import apply_lora
+from utils.lora import apply_lora
 from utils.prepare import (DataArguments, Preparation, UnitStats, code_fingerprint, default_workers, prepare_or_load,
                            tokenizer_fingerprint)
 from utils.throughput import ThroughputArguments
@@ -131,8 +131,9 @@ class SFTStageTrainer(SkipSamplesMixin, SFTTrainer):
 
 
 def main(argv: list[str] | None = None):
-    script_args, lora_args, crash_args, training_args, logger = parse_stage_args(
+    script_args, lora_args, crash_args, tracker_args, training_args = parse_stage_args(
         SFTScriptArguments, SFTConfig, argv)
+    logger = start_run(training_args, tracker_args)
     if training_args.max_length is None:
         raise ConfigError("max_length must be set: over-long conversations are fitted to it before training")
 

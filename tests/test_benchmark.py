@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import REPO
 from utils.benchmark import SUITE_ROWS, flops_per_token, main, peak_flops
@@ -32,7 +33,11 @@ def test_bench_tiny_runs_every_row_in_a_process_of_its_own_and_writes_the_table(
     assert settings["PT, ours + activation checkpointing"]["activation_checkpointing"]
     assert settings["PT, ours + torch.compile"]["compile"]
     assert settings["DPO, reference forward every step"]["micro_batch"] == 2  # --tiny's sizes win over the row's
-    assert set(by_name["lean preset, memory by kind"]["memory_breakdown_gb"]) >= {"weights", "optimizer_state"}
+    lean = by_name["lean preset, memory by kind"]
+    assert lean["settings"]["weights"] == "bfloat16" and lean["settings"]["optimizer"] == "_AdamW"
+    memory, bf16_bytes = lean["memory_breakdown_gb"], round(lean["parameters"] * 2 / 2**30, 3)
+    assert memory["weights"] == memory["gradients"] == bf16_bytes
+    assert 2 * bf16_bytes <= memory["optimizer_state"] + 0.001 < 2.2 * bf16_bytes + 0.001  # two bf16 moments
     assert by_name["PT, ours: largest micro-batch that fits"]["largest_micro_batch"] == 4  # nothing fails on the CPU
     text = table.read_text()
     assert text.count("\n| ") == len(rows) + 1 and "did not run: not installed: liger_kernel" in text
@@ -43,7 +48,6 @@ def test_flops_per_token_equals_what_torch_counts_for_a_training_step_of_the_1b_
     """MFU's numerator against torch's own FLOP counter over every matmul of a forward and backward of the real 1B
     config at 1024 tokens, attention included (on the meta device: shapes only, no arithmetic). Norms, activations
     and bias adds are the only FLOPs 6N + 12LHS leaves out: attention alone is 10% of the total here."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +80,7 @@ def test_data_prep_benchmark_compares_both_pipelines_and_worker_counts():
     assert all(r["tokens_per_second"] > 0 and r["peak_rss_mb"] > 0 for r in results)
 
 
-@pytest.mark.parametrize("moments, state_bytes_per_parameter", [("bf16", 4), ("8bit", 2)])
+@pytest.mark.parametrize("moments, state_bytes_per_parameter", [("8bit", 2)])  # bf16: the suite test's lean row
 def test_lean_recipe_reports_memory_by_kind(moments, state_bytes_per_parameter):
     (result,) = main(["step", "--recipe", "lean", "--lean_moments", moments, "--model_config", "models/mini_qwen_tiny",
                       "--micro_batch", "2", "--seq_len", "32", "--steps", "1", "--warmup", "1", "--track_memory"])
@@ -105,15 +109,27 @@ def test_data_prep_under_a_memory_cap():
 
 
 def test_lean_curve_runs_the_pt_stage_twice_and_compares(tmp_path):
-    from pathlib import Path
+    """Also the proof that the lean preset's 8-bit variant trains (the shipped bf16 one: tests/test_lean.py)."""
+    from safetensors import safe_open
 
-    (result,) = main(["lean_curve", "--max_steps", "4", "--window", "2", "--output_dir", str(tmp_path / "runs"),
-                      "--data_files", str(REPO / "mini_data" / "pt"), "--block_size", "32",  # bf16 on CPU is slow
-                      "--per_device_train_batch_size", "2", "--cache_dir", str(tmp_path / "cache"),
+    (result,) = main(["lean_curve", "--lean_moments", "8bit", "--max_steps", "4", "--window", "2",
+                      "--output_dir", str(tmp_path / "runs"), "--data_files", str(REPO / "mini_data" / "pt"),
+                      "--block_size", "32", "--per_device_train_batch_size", "2",  # bf16 on CPU is slow
+                      "--learning_rate", "1e-2", "--cache_dir", str(tmp_path / "cache"),
                       "--dataloader_num_workers", "0", "--disable_tqdm", "true"])
     assert result["steps"] == 4 and set(result["final_loss"]) == {"full", "lean"}
-    assert set(result["heldout_bits_per_byte"]) == {"full precision", "lean"}
+    runs = {name: tmp_path / "runs" / name for name in ("full_precision", "lean")}
+    for name, run in runs.items():
+        state = json.loads((run / "trainer_state.json").read_text())
+        curve = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        assert len(curve) == 4 and curve[-1] < curve[0] - 0.15, (name, curve)  # noise: ~0.05
+        report = json.loads((run / "report.json").read_text())
+        assert result["heldout_bits_per_byte"]["full precision" if name == "full_precision" else "lean"] == round(
+            report["heldout_bits_per_byte"], 4)
     assert 0 <= result["final_relative_gap"] <= result["max_relative_gap"] < 0.5
-    assert Path(result["figure"]).stat().st_size > 10_000
-    assert (tmp_path / "runs" / "lean" / "model.safetensors").exists()
-    assert (tmp_path / "runs" / "full_precision" / "model.safetensors").exists()
+    assert "adamw_torch_8bit" in (runs["lean"] / "report.md").read_text()
+    with safe_open(str(runs["lean"] / "model.safetensors"), "pt") as weights:
+        assert weights.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    with safe_open(str(runs["full_precision"] / "model.safetensors"), "pt") as weights:
+        assert weights.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+    assert (tmp_path / "runs" / "lean_vs_full.png").stat().st_size > 10_000

@@ -12,7 +12,7 @@ from mini_qwen_pt import PretrainArguments
 from mini_qwen_sft import SFTScriptArguments
 from utils.config import parse_config
 from utils.crash_safety import CrashSafetyArguments
-from utils.peft_utils import LoraArguments
+from utils.lora import LoraArguments
 
 STAGES = {"pt": (PretrainArguments, TrainingArguments), "sft": (SFTScriptArguments, SFTConfig),
           "dpo": (DPOScriptArguments, DPOConfig)}

@@ -48,12 +48,8 @@ def test_stochastic_rounding_keeps_updates_that_plain_bf16_adamw_loses():
     assert drift == pytest.approx(steps * lr, rel=0.15)
 
 
-@pytest.mark.parametrize("moments, flags", [
-    ("bf16", []),  # configs/pt_lean.yaml as shipped
-    ("8bit", ["--stochastic_rounding", "false", "--optim", "adamw_torch_8bit", "--optim_args",
-              "bf16_stochastic_round=True"]),  # its documented smaller variant
-])
-def test_lean_preset_trains_with_bf16_weights(moments, flags, tmp_path, caplog):
+def test_lean_preset_trains_with_bf16_weights(tmp_path, caplog):
+    """configs/pt_lean.yaml as shipped (its 8-bit variant: tests/test_benchmark.py's lean curve)."""
     from safetensors import safe_open
 
     from mini_qwen_pt import main
@@ -64,18 +60,17 @@ def test_lean_preset_trains_with_bf16_weights(moments, flags, tmp_path, caplog):
         main(["--config", str(REPO / "configs" / "pt_lean.yaml"), *cpu_flags(out, tmp_path / "cache"),
               "--model_config", "models/mini_qwen_tiny", "--data_files", str(REPO / "mini_data" / "pt"),
               # 64 tokens a step: a bf16 matmul on a CPU without bf16 units is slow (~4 s a step for the LM head's
-              # weight gradient here), and the lean preset's claim does not need more
+              # input gradient here, a sum over 151,936 vocabulary rows), and the preset's claim does not need more
               "--block_size", "32", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-              "--learning_rate", "1e-2", "--max_steps", "10", "--save_strategy", "no", "--attn_implementation", "sdpa",
-              *flags])
+              "--learning_rate", "1e-2", "--max_steps", "6", "--save_strategy", "no", "--attn_implementation", "sdpa"])
     finally:
         logging.getLogger("mini_qwen").removeHandler(caplog.handler)
     launch = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("launch:"))
     assert "bfloat16 weights" in launch
-    assert f"optimizer {'_AdamW' if moments == 'bf16' else 'AdamW8bit'}" in launch
+    assert "optimizer _AdamW" in launch
     state = json.loads((out / "trainer_state.json").read_text())
     curve = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    assert len(curve) == 10 and all(loss == loss for loss in curve)
-    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.25
+    assert len(curve) == 6 and all(loss == loss for loss in curve)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.15  # batch-to-batch noise is ~0.05 here
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
         assert weights.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16

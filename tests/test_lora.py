@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, cpu_flags
-from utils.peft_utils import main as peft_main
+from utils.lora import main as peft_main
 
 
 def test_lora_continued_pretraining_then_merge(pt_checkpoint, tmp_path):

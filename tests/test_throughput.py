@@ -11,8 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerControl, TrainerState
 
 from conftest import REPO, TINY_CONFIG, cpu_flags
-from utils.throughput import (ThroughputCallback, batch_token_counts, flops_per_token, human_duration,
-                              peak_flops)
+from utils.callbacks import ThroughputCallback
+from utils.throughput import batch_token_counts, flops_per_token, human_duration, peak_flops
 
 THROUGHPUT_KEYS = {"tokens_per_second", "tokens_per_second_per_device", "eta_seconds", "tokens_seen"}
 

@@ -12,8 +12,8 @@
 
 Every run is the real PT stage (mini_qwen_pt.py, as a subprocess) with the same recipe and only data/packing
 changed. The result is an overlay of the loss curves against tokens processed (ablation_loss.png), beside the
-original's own logged pt1-pt3 curves when its logs are given, and a table (ablation.md): final loss, held-out bits
-per byte, tokens processed and padding fraction.
+original's own logged pt1-pt3 curves when its logs are given, and a table (ablation.md): final loss and held-out
+bits per byte (from each run's own report.json, utils.report), tokens processed and padding fraction.
 """
 
 import argparse
@@ -21,9 +21,6 @@ import csv
 import json
 import sys
 from pathlib import Path
-
-
-import torch
 
 from utils.config import repo_path, run_stage
 from utils.errors import MissingInputError, run_main
@@ -58,14 +55,6 @@ def run_one(name: str, args) -> Path:
     return output_dir
 
 
-def heldout_bits_per_byte(run_dir: Path, heldout: str) -> float:
-    from utils.metrics import heldout_metrics
-    from utils.modeling import load_checkpoint
-
-    model, tokenizer = load_checkpoint(str(run_dir), "cuda" if torch.cuda.is_available() else "cpu")
-    return heldout_metrics(model, tokenizer, heldout)["bits_per_byte"]
-
-
 def original_curves(csv_path: str) -> dict[str, list[dict]]:
     """The original's logged pt1-pt3 losses (step = 20 x index; 6 GPUs x 12 x 16 x 1024 tokens per step)."""
     runs: dict[str, list[dict]] = {}
@@ -82,7 +71,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_root", default="mini_data/pt", help="folder of <industry>/<language>/high folders")
     parser.add_argument("--config", default="configs/demo_pt.yaml", help="the PT recipe every run shares")
-    parser.add_argument("--heldout_text", default="mini_data/heldout/heldout.txt", help="text no run trains on")
     parser.add_argument("--output_dir", default="results/ablation")
     parser.add_argument("--max_steps", type=int, default=None, help="the same step budget for every run")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
@@ -95,13 +83,11 @@ def main(argv=None):
     for name in args.runs:
         run_dir = run_one(name, args)
         languages, packing = RUNS[name]
-        history = read_log_history(run_dir)
-        histories[f"{name} ({languages}, {packing})"] = history
-        losses = [e["loss"] for e in history if "loss" in e]
-        tokens = max((e.get("num_input_tokens_seen", 0) for e in history), default=0)
-        rows.append({"run": name, "data": languages, "packing": packing, "final_loss": losses[-1],
-                     "heldout_bits_per_byte": heldout_bits_per_byte(run_dir, repo_path(args.heldout_text)),
-                     "tokens_processed": tokens, "steps": max(e.get("step", 0) for e in history),
+        histories[f"{name} ({languages}, {packing})"] = read_log_history(run_dir)
+        report = json.loads((run_dir / "report.json").read_text())
+        rows.append({"run": name, "data": languages, "packing": packing, "final_loss": report["loss"]["end"],
+                     "heldout_bits_per_byte": report["heldout_bits_per_byte"],
+                     "tokens_processed": report["tokens_seen"], "steps": report["steps"],
                      "padding_fraction": json.loads((run_dir / "data_report.json").read_text())["packing"][
                          "padding_fraction"]})
     figure = plot_runs(histories, output_dir / "ablation_loss.png", ("loss",), x="tokens",

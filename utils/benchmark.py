@@ -370,8 +370,8 @@ LEAN_FLAGS = {  # the numerics configs/pt_lean.yaml changes, with bf16 or 8-bit 
 
 def lean_curve_benchmark(args) -> dict:
     """The same PT run twice, full precision and with the lean preset's numerics, and how far apart their loss
-    curves are: the largest relative gap between their `--window`-step means, and the final window's gap."""
-    from utils.ablation import heldout_bits_per_byte
+    curves are: the largest relative gap between their `--window`-step means, and the final window's gap; and each
+    run's held-out bits per byte from its report card."""
     from utils.plot_loss import plot_runs, read_log_history
 
     output_dir = Path(repo_path(args.output_dir))
@@ -383,7 +383,7 @@ def lean_curve_benchmark(args) -> dict:
                          "--resume_from_checkpoint", "", "--report_to", "none", *args.extra, *flags])
         histories[name] = read_log_history(run_dir)
         curves[name] = [e["loss"] for e in histories[name] if "loss" in e]
-        heldout[name] = round(heldout_bits_per_byte(run_dir, repo_path(args.heldout_text)), 4)
+        heldout[name] = round(json.loads((run_dir / "report.json").read_text())["heldout_bits_per_byte"], 4)
     window = args.window
 
     def means(curve):
@@ -452,6 +452,21 @@ def run_row(argv: list[str], timeout: float) -> dict:
     return result or {"error": f"the process died (exit code {child.exitcode})"}
 
 
+def import_what_rows_use() -> None:
+    """transformers and TRL load their model and trainer modules on first use (~4.5 s here): once in the parent,
+    before the forks, instead of once per row. A model on the meta device touches no CUDA."""
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    from utils.modeling import load_model_config
+
+    for module in ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer"):
+        importlib.import_module(module)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(load_model_config("models/mini_qwen_tiny"))
+
+
 def suite(args) -> list[dict]:
     """Each SUITE_ROWS measurement and the largest-micro-batch search, one row each, into a Markdown table."""
     tiny = SUITE_TINY if args.tiny else []
@@ -466,6 +481,7 @@ def suite(args) -> list[dict]:
         print(f"[{len(rows)}] {name}: {outcome}", flush=True)
         return result
 
+    import_what_rows_use()
     for name, flags in SUITE_ROWS:
         measure(name, flags)
     for recipe in ("original", "ours"):
@@ -572,7 +588,6 @@ def main(argv=None, quiet: bool = False):
     curve.add_argument("--max_steps", type=int, default=200)
     curve.add_argument("--window", type=int, default=10, help="steps per mean when comparing the curves")
     curve.add_argument("--lean_moments", choices=["bf16", "8bit"], default="bf16")
-    curve.add_argument("--heldout_text", default="mini_data/heldout/heldout.txt")
     curve.add_argument("--output_dir", default="results/lean_curve")
     suite_parser = sub.add_parser("suite", help="every GPU measurement, one process each, into one Markdown table")
     suite_parser.add_argument("--tiny", action="store_true", help="the same rows on the tiny model (CPU, minutes)")

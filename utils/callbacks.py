@@ -1,12 +1,23 @@
-"""Trainer callbacks every stage uses: loss curves, a clean stop on SIGTERM."""
+"""Every Trainer callback of the stages (utils.training.stage_callbacks puts them together): loss curves, a clean
+stop on SIGTERM, checkpoint completion markers, the anomaly stop (utils.crash_safety says how it works) and the
+throughput log (utils.throughput says what it counts and how)."""
 
+import json
 import logging
+import math
 import signal
+import statistics
+import time
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
+from utils.checkpoint import COMPLETE_MARKER, batch_geometry, complete_checkpoints
+from utils.crash_safety import CrashSafetyArguments, global_batch
 from utils.plot_loss import plot_runs
+from utils.throughput import batch_token_counts, flops_per_token, human_count, human_duration, peak_flops
 
 logger = logging.getLogger("mini_qwen")
 
@@ -59,3 +70,147 @@ class SigtermCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """Marks a checkpoint folder complete once the Trainer has written all of it (weights, optimizer, scheduler,
+    RNG state, trainer_state.json). A crash while saving leaves no marker, so `auto` resume skips that folder.
+    The marker records the batch geometry, which a resume checks (check_resumable)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                marker = {"step": state.global_step, **batch_geometry(args)}
+                (folder / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+
+
+class AnomalyGuard(TrainerCallback):
+    def __init__(self, crash_args: CrashSafetyArguments):
+        self.factor = crash_args.anomaly_factor
+        self.window = crash_args.anomaly_window
+        self.min_history = crash_args.anomaly_min_history
+        self.history: list[float] = []
+        self.tripped: dict | None = None
+
+    def _problem(self, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if self.factor and len(self.history) >= self.min_history:
+            median = statistics.median(self.history[-self.window:])
+            if loss > self.factor * median:
+                return f"loss {loss:.4g} is over {self.factor} x the running median {median:.4g}"
+        return None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        loss = logs.get("loss")
+        if loss is None or self.tripped:
+            return control
+        # The Trainer replaces a NaN loss in its logs by the running mean unless logging_nan_inf_filter is off;
+        # the gradient norm is never filtered, so a NaN step shows there either way.
+        grad_norm = logs.get("grad_norm")
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            problem = f"gradient norm is {grad_norm}"
+        else:
+            problem = self._problem(float(loss))
+        if problem is None:
+            self.history.append(float(loss))
+            return control
+        checkpoints = complete_checkpoints(args.output_dir)
+        last_good_step = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
+        start, end = last_good_step * global_batch(args), state.global_step * global_batch(args)
+        self.tripped = {
+            "problem": problem, "step": state.global_step,
+            "last_good_checkpoint": str(checkpoints[-1]) if checkpoints else None,
+            "skip_samples": f"{start}:{end}",
+        }
+        control.should_training_stop = True
+        control.should_save = False
+        if state.is_world_process_zero:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.output_dir) / "anomaly.json").write_text(json.dumps(self.tripped, indent=2) + "\n")
+            logger.error(
+                "stopping at step %d: %s. Last good checkpoint: %s. Samples since it: %d-%d in training order. "
+                "Resume without them: --resume_from_checkpoint auto --skip_samples %d:%d",
+                state.global_step, problem, self.tripped["last_good_checkpoint"] or "none (start over)",
+                start, end, start, end)
+        return control
+
+
+class ThroughputCallback(TrainerCallback, ExportableState):
+    """See the module docstring. It must come before the reporting integrations in the Trainer's callback list
+    (utils.training.before_training puts it first): they read `logs` in the same on_log call."""
+
+    def __init__(self, peak_tflops: float | None = None):
+        self.peak_tflops = peak_tflops
+        self.tokens_seen = 0  # all ranks, up to the previous log
+
+    def state(self) -> dict:
+        unlogged = int(self._window[0]) if getattr(self, "_window", None) is not None else 0
+        return {"args": {"peak_tflops": self.peak_tflops}, "attributes": {"tokens_seen": self.tokens_seen + unlogged}}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__, {})
+        self.tokens_seen = saved.get("attributes", {}).get("tokens_seen", 0)  # a resumed run's checkpoint
+        self.config = model.config
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.reference_forward = getattr(args, "precompute_ref_log_probs", True) is False  # DPOConfig only
+        self.on_gpu = args.device.type == "cuda"
+        self.peak = self.peak_tflops * 1e12 if self.peak_tflops else (
+            peak_flops(torch.cuda.get_device_name(args.device)) if self.on_gpu else None)
+        self.distributed = args.world_size > 1 and torch.distributed.is_initialized()
+        # [tokens, sum of squared sequence lengths]: this rank's since the step began, all ranks' since the last log
+        self._step = torch.zeros(2, dtype=torch.int64, device=args.device)
+        self._window = torch.zeros(2, dtype=torch.int64, device=args.device)
+        self._window_start, self._window_step = time.perf_counter(), state.global_step
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats(args.device)
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled() and kwargs.get("input_ids") is not None:
+            tokens, squared_lengths = batch_token_counts(kwargs)
+            self._step[0] += tokens
+            self._step[1] += squared_lengths
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.distributed:
+            torch.distributed.all_reduce(self._step)
+        self._window += self._step
+        self._step.zero_()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        steps = state.global_step - self._window_step
+        if "loss" not in logs or steps <= 0:  # the end-of-training summary, evaluation
+            return
+        seconds = time.perf_counter() - self._window_start
+        tokens, squared_lengths = self._window.tolist()
+        self.tokens_seen += tokens
+        throughput = {"tokens_per_second": round(tokens / seconds, 1),
+                      "tokens_per_second_per_device": round(tokens / seconds / args.world_size, 1),
+                      "eta_seconds": round((state.max_steps - state.global_step) * seconds / steps),
+                      "tokens_seen": self.tokens_seen}
+        if self.peak and tokens:
+            flops = flops_per_token(self.config, self.parameters, squared_lengths / tokens, self.reference_forward)
+            throughput["mfu"] = round(throughput["tokens_per_second_per_device"] * flops / self.peak, 4)
+        if self.on_gpu:
+            peak_memory = torch.tensor([torch.cuda.max_memory_allocated(args.device)], device=args.device)
+            if self.distributed:
+                torch.distributed.all_reduce(peak_memory, op=torch.distributed.ReduceOp.MAX)
+            throughput["peak_gpu_memory_gib"] = round(peak_memory.item() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(args.device)
+        logs.update(throughput)
+        state.log_history[-1].update(throughput)  # the Trainer appended this log before calling on_log
+        if state.is_world_process_zero:
+            logger.info("step %d/%d: %s tokens/s (%s per device)%s%s, %s tokens seen, ETA %s", state.global_step,
+                        state.max_steps, human_count(throughput["tokens_per_second"]),
+                        human_count(throughput["tokens_per_second_per_device"]),
+                        f", MFU {throughput['mfu']:.1%}" if "mfu" in throughput else "",
+                        f", peak {throughput['peak_gpu_memory_gib']} GiB" if self.on_gpu else "",
+                        human_count(self.tokens_seen), human_duration(throughput["eta_seconds"]))
+        self._window.zero_()
+        self._window_start, self._window_step = time.perf_counter(), state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._hook.remove()

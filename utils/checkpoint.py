@@ -5,8 +5,6 @@ import logging
 import re
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from utils.errors import UserError
 
 logger = logging.getLogger("mini_qwen")
@@ -23,19 +21,6 @@ def batch_geometry(args) -> dict:
     return {"world_size": args.world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "global_batch": args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps}
-
-
-class CheckpointCompleteCallback(TrainerCallback):
-    """Marks a checkpoint folder complete once the Trainer has written all of it (weights, optimizer, scheduler,
-    RNG state, trainer_state.json). A crash while saving leaves no marker, so `auto` resume skips that folder.
-    The marker records the batch geometry, which a resume checks (check_resumable)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                marker = {"step": state.global_step, **batch_geometry(args)}
-                (folder / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
 
 
 def _describe(geometry: dict) -> str:

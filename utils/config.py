@@ -72,18 +72,24 @@ def setup_logging(training_args) -> logging.Logger:
 
 
 def parse_stage_args(script_arguments, trainer_config, argv: list[str] | None = None):
-    """What every stage starts with: its own arguments, LoRA, crash safety, trackers and the trainer's config from
-    one YAML plus CLI; output_dir anchored to the repo; wandb / swanlab set up (utils.trackers); rank-0 logging; bf16
-    falling back to fp16 where unsupported."""
+    """What every stage parses, from one YAML plus CLI: (its own arguments, LoRA, crash safety, trackers, the
+    trainer's config)."""
     from utils.crash_safety import CrashSafetyArguments
-    from utils.modeling import resolve_mixed_precision
-    from utils.peft_utils import LoraArguments
-    from utils.trackers import TrackerArguments, configure_trackers
+    from utils.lora import LoraArguments
+    from utils.trackers import TrackerArguments
 
-    script_args, lora_args, crash_args, tracker_args, training_args = parse_config(
-        (script_arguments, LoraArguments, CrashSafetyArguments, TrackerArguments, trainer_config), argv)
+    return parse_config((script_arguments, LoraArguments, CrashSafetyArguments, TrackerArguments, trainer_config),
+                        argv)
+
+
+def start_run(training_args, tracker_args) -> logging.Logger:
+    """What every stage does once parsed: output_dir anchored to the repo; wandb / swanlab set up
+    (utils.trackers); rank-0 logging; bf16 falling back to fp16 where unsupported."""
+    from utils.modeling import resolve_mixed_precision
+    from utils.trackers import configure_trackers
+
     training_args.output_dir = repo_path(training_args.output_dir)
     configure_trackers(training_args, tracker_args)  # after output_dir is anchored: the run folders go inside it
     logger = setup_logging(training_args)
     resolve_mixed_precision(training_args)
-    return script_args, lora_args, crash_args, training_args, logger
+    return logger

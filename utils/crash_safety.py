@@ -7,16 +7,9 @@ Resuming with `--resume_from_checkpoint auto --skip_samples A:B` replays the sam
 in [A, B) no gradient, so a bad shard is stepped over without changing which data every other step sees.
 """
 
-import json
 import logging
-import math
-import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from transformers import TrainerCallback
-
-from utils.checkpoint import complete_checkpoints
 from utils.errors import ConfigError
 
 logger = logging.getLogger("mini_qwen")
@@ -47,59 +40,6 @@ def parse_ranges(specs: list[str]) -> list[tuple[int, int]]:
             raise ConfigError(f"--skip_samples: empty or negative range {spec!r}")
         ranges.append((start, end))
     return ranges
-
-
-class AnomalyGuard(TrainerCallback):
-    def __init__(self, crash_args: CrashSafetyArguments):
-        self.factor = crash_args.anomaly_factor
-        self.window = crash_args.anomaly_window
-        self.min_history = crash_args.anomaly_min_history
-        self.history: list[float] = []
-        self.tripped: dict | None = None
-
-    def _problem(self, loss: float) -> str | None:
-        if not math.isfinite(loss):
-            return f"loss is {loss}"
-        if self.factor and len(self.history) >= self.min_history:
-            median = statistics.median(self.history[-self.window:])
-            if loss > self.factor * median:
-                return f"loss {loss:.4g} is over {self.factor} x the running median {median:.4g}"
-        return None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        loss = logs.get("loss")
-        if loss is None or self.tripped:
-            return control
-        # The Trainer replaces a NaN loss in its logs by the running mean unless logging_nan_inf_filter is off;
-        # the gradient norm is never filtered, so a NaN step shows there either way.
-        grad_norm = logs.get("grad_norm")
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            problem = f"gradient norm is {grad_norm}"
-        else:
-            problem = self._problem(float(loss))
-        if problem is None:
-            self.history.append(float(loss))
-            return control
-        checkpoints = complete_checkpoints(args.output_dir)
-        last_good_step = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
-        start, end = last_good_step * global_batch(args), state.global_step * global_batch(args)
-        self.tripped = {
-            "problem": problem, "step": state.global_step,
-            "last_good_checkpoint": str(checkpoints[-1]) if checkpoints else None,
-            "skip_samples": f"{start}:{end}",
-        }
-        control.should_training_stop = True
-        control.should_save = False
-        if state.is_world_process_zero:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.output_dir) / "anomaly.json").write_text(json.dumps(self.tripped, indent=2) + "\n")
-            logger.error(
-                "stopping at step %d: %s. Last good checkpoint: %s. Samples since it: %d-%d in training order. "
-                "Resume without them: --resume_from_checkpoint auto --skip_samples %d:%d",
-                state.global_step, problem, self.tripped["last_good_checkpoint"] or "none (start over)",
-                start, end, start, end)
-        return control
 
 
 class SkipSamplesMixin:

@@ -38,15 +38,8 @@ compute but is not counted: this is the useful work's utilisation. Peak: bf16 de
 (PEAK_TFLOPS; fp16 for the T4 and V100, which have no bf16), or `peak_tflops` for a GPU the table lacks.
 """
 
-import logging
-import time
 from dataclasses import dataclass, field
 
-import torch
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
-
-logger = logging.getLogger("mini_qwen")
 
 # bf16 dense peak TFLOP/s per GPU, by a part of its name (the longest part found in the name wins: "H100 PCIe"
 # before "H100"). The T4 and V100 have no bf16: their fp16 peak, which bf16 falls back to (utils/modeling.py).
@@ -105,79 +98,3 @@ def human_count(value: float) -> str:
     return f"{value:.0f}"
 
 
-class ThroughputCallback(TrainerCallback, ExportableState):
-    """See the module docstring. It must come before the reporting integrations in the Trainer's callback list
-    (utils.training.before_training puts it first): they read `logs` in the same on_log call."""
-
-    def __init__(self, peak_tflops: float | None = None):
-        self.peak_tflops = peak_tflops
-        self.tokens_seen = 0  # all ranks, up to the previous log
-
-    def state(self) -> dict:
-        unlogged = int(self._window[0]) if getattr(self, "_window", None) is not None else 0
-        return {"args": {"peak_tflops": self.peak_tflops}, "attributes": {"tokens_seen": self.tokens_seen + unlogged}}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        saved = state.stateful_callbacks.get(type(self).__name__, {})
-        self.tokens_seen = saved.get("attributes", {}).get("tokens_seen", 0)  # a resumed run's checkpoint
-        self.config = model.config
-        self.parameters = sum(p.numel() for p in model.parameters())
-        self.reference_forward = getattr(args, "precompute_ref_log_probs", True) is False  # DPOConfig only
-        self.on_gpu = args.device.type == "cuda"
-        self.peak = self.peak_tflops * 1e12 if self.peak_tflops else (
-            peak_flops(torch.cuda.get_device_name(args.device)) if self.on_gpu else None)
-        self.distributed = args.world_size > 1 and torch.distributed.is_initialized()
-        # [tokens, sum of squared sequence lengths]: this rank's since the step began, all ranks' since the last log
-        self._step = torch.zeros(2, dtype=torch.int64, device=args.device)
-        self._window = torch.zeros(2, dtype=torch.int64, device=args.device)
-        self._window_start, self._window_step = time.perf_counter(), state.global_step
-        if self.on_gpu:
-            torch.cuda.reset_peak_memory_stats(args.device)
-        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
-
-    def _count(self, module, args, kwargs):
-        if module.training and torch.is_grad_enabled() and kwargs.get("input_ids") is not None:
-            tokens, squared_lengths = batch_token_counts(kwargs)
-            self._step[0] += tokens
-            self._step[1] += squared_lengths
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.distributed:
-            torch.distributed.all_reduce(self._step)
-        self._window += self._step
-        self._step.zero_()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        steps = state.global_step - self._window_step
-        if "loss" not in logs or steps <= 0:  # the end-of-training summary, evaluation
-            return
-        seconds = time.perf_counter() - self._window_start
-        tokens, squared_lengths = self._window.tolist()
-        self.tokens_seen += tokens
-        throughput = {"tokens_per_second": round(tokens / seconds, 1),
-                      "tokens_per_second_per_device": round(tokens / seconds / args.world_size, 1),
-                      "eta_seconds": round((state.max_steps - state.global_step) * seconds / steps),
-                      "tokens_seen": self.tokens_seen}
-        if self.peak and tokens:
-            flops = flops_per_token(self.config, self.parameters, squared_lengths / tokens, self.reference_forward)
-            throughput["mfu"] = round(throughput["tokens_per_second_per_device"] * flops / self.peak, 4)
-        if self.on_gpu:
-            peak_memory = torch.tensor([torch.cuda.max_memory_allocated(args.device)], device=args.device)
-            if self.distributed:
-                torch.distributed.all_reduce(peak_memory, op=torch.distributed.ReduceOp.MAX)
-            throughput["peak_gpu_memory_gib"] = round(peak_memory.item() / 2**30, 2)
-            torch.cuda.reset_peak_memory_stats(args.device)
-        logs.update(throughput)
-        state.log_history[-1].update(throughput)  # the Trainer appended this log before calling on_log
-        if state.is_world_process_zero:
-            logger.info("step %d/%d: %s tokens/s (%s per device)%s%s, %s tokens seen, ETA %s", state.global_step,
-                        state.max_steps, human_count(throughput["tokens_per_second"]),
-                        human_count(throughput["tokens_per_second_per_device"]),
-                        f", MFU {throughput['mfu']:.1%}" if "mfu" in throughput else "",
-                        f", peak {throughput['peak_gpu_memory_gib']} GiB" if self.on_gpu else "",
-                        human_count(self.tokens_seen), human_duration(throughput["eta_seconds"]))
-        self._window.zero_()
-        self._window_start, self._window_step = time.perf_counter(), state.global_step
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._hook.remove()

@@ -4,11 +4,12 @@ import json
 import logging
 from pathlib import Path
 
-from utils.callbacks import LossPlotCallback, SigtermCallback
-from utils.checkpoint import CheckpointCompleteCallback, check_resumable, resolve_resume, save_final_model
-from utils.crash_safety import AnomalyGuard, CrashSafetyArguments
+from utils.callbacks import (AnomalyGuard, CheckpointCompleteCallback, LossPlotCallback, SigtermCallback,
+                             ThroughputCallback)
+from utils.checkpoint import check_resumable, resolve_resume, save_final_model
+from utils.crash_safety import CrashSafetyArguments
 from utils.report import write_stage_report
-from utils.throughput import ThroughputArguments, ThroughputCallback
+from utils.throughput import ThroughputArguments
 
 logger = logging.getLogger("mini_qwen")
 

@@ -1,6 +1,11 @@
 """LoRA (seed 004: continued pretraining or fine-tuning that trains adapters only), and merging adapters back.
 
-    python -m utils.peft_utils merge results/pt_lora results/pt_merged
+    python -m utils.lora merge results/pt_lora results/pt_merged
+
+The flags are trl.ModelConfig's LoRA fields under the same names, so a TRL recipe's LoRA lines carry over. Not
+ModelConfig itself: beside LoRA it declares model_name_or_path, dtype and attn_implementation, which the stages
+have in their own form (PT builds from a config file; weights_dtype is checked against stochastic rounding), and
+4/8-bit loading flags that the stages do not implement: flags that would parse and then do nothing.
 """
 
 import argparse
