@@ -31,7 +31,7 @@ from utils.config import parse_stage_args, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
 from utils.errors import run_main
-from utils.modeling import build_model
+from utils.modeling import build_model, score_only_labelled_positions_on_cpu
 from utils.lora import apply_lora
 from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare_or_load,
                            tokenizer_fingerprint)
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None):
     script_args, lora_args, crash_args, tracker_args, training_args = parse_stage_args(
         DPOScriptArguments, DPOConfig, argv)
     logger = start_run(training_args, tracker_args)
+    score_only_labelled_positions_on_cpu()
 
     init_from = repo_path(script_args.init_from)
     tokenizer = load_stage_tokenizer(repo_path(script_args.tokenizer_path), init_from, script_args.prepare_only)

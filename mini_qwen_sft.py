@@ -36,7 +36,7 @@ from utils.config import parse_stage_args, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, files_fingerprint, iter_normalized, resolve_data_files
 from utils.errors import ConfigError, run_main
-from utils.modeling import build_model
+from utils.modeling import build_model, score_only_labelled_positions_on_cpu
 from utils.packing import DocumentMaskCollator
 from utils.lora import apply_lora
 from utils.prepare import (DataArguments, Preparation, UnitStats, code_fingerprint, default_workers, prepare_or_load,
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None):
     script_args, lora_args, crash_args, tracker_args, training_args = parse_stage_args(
         SFTScriptArguments, SFTConfig, argv)
     logger = start_run(training_args, tracker_args)
+    score_only_labelled_positions_on_cpu()
     if training_args.max_length is None:
         raise ConfigError("max_length must be set: over-long conversations are fitted to it before training")
 

@@ -105,7 +105,10 @@ def test_data_prep_under_a_memory_cap():
         pytest.skip("no writable memory cgroup here (needs Linux and root)")
     (ours,) = main(["data_prep", "--corpus", str(REPO / "mini_data" / "pt"), "--repeat", "2",
                     "--block_size", "128", "--pipelines", "ours", "--memory_limit_mb", "1024"])
-    assert ours["memory_limit_mb"] == 1024 and 0 < ours["peak_rss_mb"] <= 1024
+    # The cgroup kills a process over its cap (the benchmark then stops, naming exit -9), so finishing is the proof.
+    # RSS also counts shared library pages the cgroup need not charge (another process read them in first): with
+    # another test process beside it, it read 1,056 MB here.
+    assert ours["memory_limit_mb"] == 1024 and ours["peak_rss_mb"] > 0
 
 
 def test_lean_curve_runs_the_pt_stage_twice_and_compares(tmp_path):

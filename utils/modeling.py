@@ -162,3 +162,23 @@ def load_checkpoint(path: str, device: str):
     from utils.tokenizer import load_tokenizer
 
     return model.to(device).eval(), load_tokenizer(path)
+
+
+def score_only_labelled_positions_on_cpu() -> None:
+    """TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, SFT and DPO) projects only the positions that have
+    a label on devices with Triton, but every position elsewhere, so that tile shapes stay fixed for compilers such
+    as Neuron's. On a CPU that fixed shape buys nothing: the prompt and padding positions, most of a DPO batch, cost
+    151,936-wide projections and are then masked out. This lets the CPU take the labelled-positions path too (its
+    torch tiles, not Triton, still do the arithmetic; the result is the same log-probabilities). Measured on the
+    tiny model: see docs/BENCHMARKS.md, "CPU: TRL's LM head". A TRL without that switch is left as it is."""
+    import trl.trainer.utils as trl_utils
+
+    use_triton = getattr(trl_utils, "_use_triton", None)
+    if use_triton is None or getattr(use_triton, "cpu_compact", False):
+        return
+
+    def compact_on_cpu(device: torch.device) -> bool:
+        return device.type == "cpu" or use_triton(device)
+
+    compact_on_cpu.cpu_compact, compact_on_cpu.original = True, use_triton
+    trl_utils._use_triton = compact_on_cpu
