@@ -7,6 +7,7 @@
 #   bash run.sh eval [mini_qwen_eval.py flags]
 #   bash run.sh ablation [utils/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
 #   bash run.sh bench [--tiny]                every GPU figure of docs/BENCHMARKS.md, one table (--tiny: CPU, tiny model)
+#   bash run.sh serve --model_path DIR [--port 8000] [--host H] [--api_key K]   OpenAI-compatible API on 127.0.0.1
 #
 # --gpus N  prepares the stage's data with every core (`--prepare_only`, one plain process), then trains under
 #           `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml); without it, plain
@@ -97,6 +98,7 @@ case $command in
   eval) target="python mini_qwen_eval.py" ;;
   ablation) target="python -m utils.ablation" ;;
   bench) target="python -m utils.benchmark suite" ;;
+  serve) target="python -m utils.serve" ;;
   -h|--help) usage 0 ;;
   *) echo "run.sh: unknown command '$command'" >&2; usage 2 ;;
 esac

@@ -18,7 +18,8 @@ def fused_forward_backward(model, batch, projected_rows: list[int]):
 
 
 def test_labelled_positions_only_same_log_probs_and_gradients(monkeypatch):
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    # TRL's own switch, even where a stage in this process has already replaced it; restored after the test
+    monkeypatch.setattr(trl_utils, "_use_triton", getattr(trl_utils._use_triton, "original", trl_utils._use_triton))
     projected_rows = []
     original_apply = trl_utils._ChunkedLogProbFunction.apply
 

@@ -1,0 +1,100 @@
+"""`python -m utils.serve` answers the official `openai` client on loopback: chat (whole and streamed) from an SFT
+checkpoint, a completion from a PT checkpoint, and 401 without the key."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+
+openai = pytest.importorskip("openai")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(checkpoint, key: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "utils.serve", "--model_path", str(checkpoint), "--port",
+                               str(port), "--api_key", key, "--device", "cpu"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_until_up(server: subprocess.Popen, url: str, deadline: float) -> None:
+    while True:
+        assert server.poll() is None, server.stdout.read()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if json.loads(response.read())["status"] == "ok":
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.5)
+
+
+def test_openai_client_chats_streams_and_completes(pt_checkpoint, sft_checkpoint):
+    servers = {"sft": start(sft_checkpoint, "chat-key"), "pt": start(pt_checkpoint, "pt-key")}  # both start at once
+    try:
+        deadline = time.monotonic() + 240
+        for server, url in servers.values():
+            wait_until_up(server, url, deadline)
+
+        sft_url = servers["sft"][1]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{sft_url}/v1/models", timeout=10)
+        assert refused.value.code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{sft_url}/v1", api_key="wrong").models.list()
+
+        chat = openai.OpenAI(base_url=f"{sft_url}/v1", api_key="chat-key")
+        (model,) = [entry.id for entry in chat.models.list()]
+        assert model == str(sft_checkpoint)
+        messages = [{"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "李白是谁？"}]
+        whole = chat.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+        assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content
+        assert 0 < whole.usage.completion_tokens <= 6
+        assert whole.usage.prompt_tokens == len(sft_tokenizer_ids(sft_checkpoint, messages))
+        pieces = [chunk.choices[0].delta.content for chunk in chat.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0, stream=True) if chunk.choices]
+        assert len([piece for piece in pieces if piece]) >= 2  # several chunks, not one reply at the end
+        # greedy both times: the same text (the whole reply comes with its leading space trimmed)
+        assert "".join(piece or "" for piece in pieces).strip() == whole.choices[0].message.content.strip()
+
+        pt_url = servers["pt"][1]
+        completion = openai.OpenAI(base_url=f"{pt_url}/v1", api_key="pt-key").completions.create(
+            model=str(pt_checkpoint), prompt="长城是", max_tokens=6, temperature=0)
+        assert completion.choices[0].text and 0 < completion.usage.completion_tokens <= 6
+    finally:
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def sft_tokenizer_ids(checkpoint, messages) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint).apply_chat_template(messages, add_generation_prompt=True,
+                                                                        return_dict=True)["input_ids"]
+
+
+def test_checkpoint_has_what_vllm_reads(sft_checkpoint):
+    """vLLM is not installed here (no GPU); `vllm serve DIR` reads these files, with these fields."""
+    config = json.loads((sft_checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["model_type"] == "qwen2"
+    tokenizer = json.loads((sft_checkpoint / "tokenizer_config.json").read_text())
+    assert tokenizer["tokenizer_class"] == "Qwen2Tokenizer" and tokenizer["eos_token"] == "<|im_end|>"
+    assert (sft_checkpoint / "tokenizer.json").is_file()
+    assert "<|im_start|>assistant" in (sft_checkpoint / "chat_template.jinja").read_text()
+    generation = json.loads((sft_checkpoint / "generation_config.json").read_text())  # vLLM's sampling defaults
+    assert generation["eos_token_id"] == [151645, 151643] and generation["repetition_penalty"] == 1.1
