@@ -153,8 +153,16 @@ def _unit_results(units: list[WorkUnit], work_dir: Path, workers: int):
         yield from map(_prepare_unit, tasks)
         return
     # fork: the workers inherit the tokenizer (see _ACTIVE); imap keeps data order whatever finishes first.
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start) as pool:
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start)
+    try:
         yield from pool.imap(_prepare_unit, tasks)
+        # The normal end: the workers leave on the pool's sentinel. Pool's `with` would SIGTERM them instead, and a
+        # worker still starting (its inherited handler not yet reset by _worker_start) swallowed the signal once
+        # and left the pool waiting for it forever.
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
 
 
 def _worker_start() -> None:
