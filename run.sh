@@ -8,6 +8,8 @@
 #   bash run.sh ablation [utils/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
 #   bash run.sh bench [--tiny]                every GPU figure of docs/BENCHMARKS.md, one table (--tiny: CPU, tiny model)
 #   bash run.sh serve --model_path DIR [--port 8000] [--host H] [--api_key K]   OpenAI-compatible API on 127.0.0.1
+#                                             and a chat page at http://127.0.0.1:8000/chat
+#   bash run.sh export DIR OUT.gguf [--outtype f16|bf16|q8_0|f32]   GGUF for llama.cpp / ollama (+ OUT.Modelfile)
 #
 # --gpus N  prepares the stage's data with every core (`--prepare_only`, one plain process), then trains under
 #           `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml); without it, plain
@@ -99,6 +101,7 @@ case $command in
   ablation) target="python -m utils.ablation" ;;
   bench) target="python -m utils.benchmark suite" ;;
   serve) target="python -m utils.serve" ;;
+  export) target="python -m utils.export_gguf" ;;
   -h|--help) usage 0 ;;
   *) echo "run.sh: unknown command '$command'" >&2; usage 2 ;;
 esac

@@ -1,7 +1,8 @@
 """`python -m utils.serve` answers the official `openai` client on loopback: chat (whole and streamed) from an SFT
-checkpoint, a completion from a PT checkpoint, and 401 without the key."""
+checkpoint, a completion from a PT checkpoint, and 401 without the key; its chat page answers in a real browser."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -98,3 +99,57 @@ def test_checkpoint_has_what_vllm_reads(sft_checkpoint):
     assert "<|im_start|>assistant" in (sft_checkpoint / "chat_template.jinja").read_text()
     generation = json.loads((sft_checkpoint / "generation_config.json").read_text())  # vLLM's sampling defaults
     assert generation["eos_token_id"] == [151645, 151643] and generation["repetition_penalty"] == 1.1
+
+
+CHROMIUM = os.environ.get("MINI_QWEN_CHROMIUM", "/usr/bin/chromium")
+# Chromium as root on a machine with no outside network: no sandbox, and none of its background connections
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no browser at {CHROMIUM} (apt-get install chromium)")
+def test_chat_page_streams_an_answer_in_a_browser(sft_checkpoint, tmp_path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    server, url = start(sft_checkpoint, "page-key")
+    try:
+        wait_until_up(server, url, time.monotonic() + 240)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            page.goto(f"{url}/chat")
+            page.wait_for_selector("body[data-ready=true]")
+            generation = json.loads((sft_checkpoint / "generation_config.json").read_text())
+            assert float(page.input_value("#temperature")) == generation["temperature"]  # the checkpoint's defaults
+            assert float(page.input_value("#repetition_penalty")) == generation["repetition_penalty"]
+            page.fill("#api_key", "page-key")
+            page.fill("#max_tokens", "12")
+            page.fill("#question", "李白是谁？")
+            page.press("#question", "Enter")
+            page.wait_for_function("document.querySelector('.assistant')?.textContent && "
+                                   "document.getElementById('stop').hidden", timeout=120_000)  # answered, done
+            assert page.inner_text(".user") == "李白是谁？"
+            first_answer = page.inner_text(".assistant")
+            assert first_answer.strip() and "error" not in page.inner_html("#messages")
+            page.screenshot(path=tmp_path / "chat_page.png")
+
+            page.fill("#question", "再说一遍")  # a second turn goes with the first one's history
+            page.press("#question", "Enter")
+            page.wait_for_function("document.querySelectorAll('.assistant').length == 2 && "
+                                   "document.getElementById('stop').hidden")
+            assert page.locator(".message").count() == 4
+            page.click("#new-chat")
+            assert page.locator(".message").count() == 0
+            browser.close()
+        assert (tmp_path / "chat_page.png").stat().st_size > 10_000
+        log = server_log(server)
+        assert log.count('"POST /v1/chat/completions HTTP/1.1" 200') == 2, log[-3000:]
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def server_log(server: subprocess.Popen) -> str:
+    server.terminate()
+    output, _ = server.communicate(timeout=30)
+    return output
