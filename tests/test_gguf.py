@@ -71,8 +71,8 @@ def test_lora_adapter_folder_is_refused_with_the_merge_command(tmp_path):
 
 def test_llama_cpp_continues_greedily_like_transformers(sft_checkpoint, exported):
     llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp: "
-                            "CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install llama-cpp-python)")
+        "llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp: "
+                            "pip install llama-cpp-python==0.3.36)")
     ids = prompt_ids(sft_checkpoint)
     expected = transformers_model(sft_checkpoint).generate(
         ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, repetition_penalty=1.0)[0, ids.shape[1]:].tolist()
