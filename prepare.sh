@@ -65,10 +65,37 @@ EVAL_SETS=(
     "mmlu opencompass/mmlu"
 )
 
+# GRPO (math word problems with a checkable final number): "NAME REPO INCLUDE", each into data/grpo/NAME/.
+# gsm8k: AI-ModelScope/gsm8k, English GSM8K. Verified as a ModelScope dataset id on EvalScope's benchmark page
+#   (https://evalscope.readthedocs.io/en/v1.6.0/benchmarks/gsm8k.html, "GSM8K": "Dataset ID AI-ModelScope/gsm8k",
+#   subset main, train split "train", evaluation split "test"); EvalScope's gsm8k adapter (dataset_id) and a verl
+#   tutorial (`modelscope download --dataset AI-ModelScope/gsm8k`, linking
+#   https://www.modelscope.cn/datasets/AI-ModelScope/gsm8k) name the same id. Columns: question, answer (a worked
+#   solution with <<a*b=c>> calculator notes, last line "#### <number>"). Subsets main and socratic, one folder
+#   each; only main/ is fetched (train + test). That the folders hold parquet files ("Convert dataset to
+#   Parquet", 3 Jan 2025) comes from a third-party write-up, not from the hub itself; the file names inside
+#   main/ (on Hugging Face: train-00000-of-00001.parquet, test-00000-of-00001.parquet) are not verified.
+# gsm8k_zh: testUser/GSM8K_zh, a Chinese GSM8K (a GPT-3.5 translation, one loader says; its column names are
+#   those code uses for meta-math/GSM8K_zh on Hugging Face, so likely a copy; not checked). Its modelscope.cn
+#   page itself was not found; the id is verified from a tutorial README that links it as a ModelScope dataset
+#   (https://modelscope.cn/datasets/testUser/GSM8K_zh/summary, SwanLab "easy r1" Qwen-R1-Zero GRPO example),
+#   code that loads it with MsDataset.load('testUser/GSM8K_zh', subset_name='default', split='train'), and a
+#   script that fetches https://modelscope.cn/datasets/testUser/GSM8K_zh/resolve/master/GSM8K_zh.json. That one
+#   file holds both splits (column split: train 7473 / test 1319, per one third-party loader; not checked). Its
+#   columns are NOT question/answer in Chinese: question_zh (the Chinese question), answer_zh (the Chinese
+#   solution, with no "#### <number>" line, per the same loader), answer_only (the final number), split, and
+#   question / answer (presumably GSM8K's English originals; not checked). A GRPO loader must read question_zh
+#   and answer_only (and may append "#### <answer_only>" to answer_zh).
+GRPO_SETS=(
+    "gsm8k AI-ModelScope/gsm8k main/*.parquet"
+    "gsm8k_zh testUser/GSM8K_zh GSM8K_zh.json"
+)
+
 # APPROXIMATE download sizes in MB: estimates, not measured by this script. IndustryCorpus2 and
 # Infinity-Instruct/-Preference: the sizes in the original mini_qwen README (pt: whole high-tier folders;
-# folders in PT_FIRST_N_FILES_ONLY count PT_FIRST_N x PT_APPROX_MB_PER_FILE instead). Model and eval
-# sets: rough guesses. Used for the --dry-run plan and the free-disk-space check.
+# folders in PT_FIRST_N_FILES_ONLY count PT_FIRST_N x PT_APPROX_MB_PER_FILE instead). Model, eval and grpo
+# sets: rough guesses (grpo:gsm8k: openai/gsm8k's Hugging Face card gives main a download_size of ~2.7 MB).
+# Used for the --dry-run plan and the free-disk-space check.
 APPROX_SIZE_MB='
 pt:accommodation_catering_hotel/chinese                 371
 pt:accommodation_catering_hotel/english                 718
@@ -97,6 +124,8 @@ model                                                    12
 eval:ceval                                               20
 eval:cmmlu                                               20
 eval:mmlu                                               250
+grpo:gsm8k                                                3
+grpo:gsm8k_zh                                            15
 '
 
 # --wheels: requirement files whose packages are fetched, and what is left out of them. torch: the GPU machine
@@ -106,7 +135,7 @@ WHEEL_REQUIREMENTS=(requirements.txt requirements-gpu.txt)
 WHEEL_SKIP_REQUIREMENTS=(torch flash-attn)
 WHEEL_SKIP_RESOLVED='^(torch|triton|nvidia-.*|cuda-.*)$'
 
-ALL_PARTS=(pt sft dpo model eval)
+ALL_PARTS=(pt sft dpo model eval grpo)
 MARKER=".prepare_done"
 DISK_MARGIN_PERCENT=10      # free space needed: planned total + 10% + 1 GB
 DISK_MARGIN_MB=1000
@@ -125,10 +154,11 @@ Downloads the data and model files of the full mini_qwen recipe from ModelScope 
   dpo    BAAI/Infinity-Preference train and test                            -> data/dpo/
   model  Qwen/Qwen2.5-0.5B-Instruct configs and tokenizer files, no weights -> models/Qwen2.5-0.5B-Instruct/
   eval   C-Eval, CMMLU, MMLU (benchmark sets)                               -> data/eval/{ceval,cmmlu,mmlu}/
+  grpo   GSM8K (AI-ModelScope/gsm8k, main) and GSM8K_zh (testUser/GSM8K_zh) -> data/grpo/{gsm8k,gsm8k_zh}/
 Without --only, every part is fetched (~50 GB in all, mostly pt; see --dry-run).
 
 Options:
-  --only PART   fetch only these parts (pt, sft, dpo, model, eval); repeatable or comma-separated
+  --only PART   fetch only these parts (pt, sft, dpo, model, eval, grpo); repeatable or comma-separated
   --dry-run     print the plan (what, source, include pattern, target, approximate size) and a total, then
                 exit; needs neither network nor modelscope
   --force       skip the free-disk-space check
@@ -245,7 +275,7 @@ add_item() {
 }
 
 build_plan() {
-    local industry lang folder whole mb first_n key entry name repo subset
+    local industry lang folder whole mb first_n key entry name repo subset include
     if part_selected pt; then
         for industry in "${PT_INDUSTRIES[@]}"; do
             for lang in "${PT_LANGUAGES[@]}"; do
@@ -286,6 +316,13 @@ build_plan() {
             read -r name repo <<< "$entry"
             add_item eval "benchmark $name" dataset "$repo" "" \
                 "data/eval/$name" "data/eval/$name" "$(approx_mb "eval:$name")" 0
+        done
+    fi
+    if part_selected grpo; then
+        for entry in "${GRPO_SETS[@]}"; do
+            read -r name repo include <<< "$entry"
+            add_item grpo "math word problems $name" dataset "$repo" "$include" \
+                "data/grpo/$name" "data/grpo/$name" "$(approx_mb "grpo:$name")" 0
         done
     fi
 }

@@ -3,6 +3,7 @@
 #
 #   bash run.sh demo [--gpus N]               tiny CPU run: PT -> SFT -> DPO -> eval report (a few minutes)
 #   bash run.sh pt|sft|dpo [--gpus N] [--bg] [extra --flags for the stage]
+#   bash run.sh grpo [--gpus N] [--bg] [--demo]   GRPO on math problems, after DPO (an extra stage, not in `all`)
 #   bash run.sh all [--gpus N] [--bg]         full recipe: PT -> SFT -> DPO -> eval report
 #   bash run.sh eval [mini_qwen_eval.py flags]
 #   bash run.sh ablation [utils/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
@@ -21,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 [[ $# -ge 1 ]] || usage 1
 command=$1
@@ -96,7 +97,7 @@ all() {
 
 case $command in
   demo|all) target=$command ;;
-  pt|sft|dpo) target="stage $command" ;;
+  pt|sft|dpo|grpo) target="stage $command" ;;
   eval) target="python mini_qwen_eval.py" ;;
   ablation) target="python -m utils.ablation" ;;
   bench) target="python -m utils.benchmark suite" ;;

@@ -39,6 +39,11 @@ FIRST_3_ONLY = [
     "literature_emotion/english/high",
     "film_entertainment/english/high",
 ]
+# The GRPO math sets: target folder -> (ModelScope dataset id, include pattern).
+GRPO_ITEMS = {
+    "data/grpo/gsm8k": ("AI-ModelScope/gsm8k", "main/*.parquet"),
+    "data/grpo/gsm8k_zh": ("testUser/GSM8K_zh", "GSM8K_zh.json"),
+}
 # Basic tools the script (and the fakes below) may call; modelscope, curl and python are left out on purpose.
 BASIC_TOOLS = ["bash", "cat", "date", "dirname", "basename", "mkdir", "du", "df", "find", "timeout", "env",
                "touch", "printf", "head", "sort"]
@@ -97,6 +102,8 @@ def test_help():
     assert "Usage: bash prepare.sh" in result.stdout
     for flag in ("--only", "--dry-run", "--force", "--wheels"):
         assert flag in result.stdout
+    assert re.search(r"^  grpo .*AI-ModelScope/gsm8k.*testUser/GSM8K_zh.*data/grpo/", result.stdout, re.M)
+    assert "(pt, sft, dpo, model, eval, grpo)" in result.stdout
 
 
 def test_dry_run_plans_the_full_recipe():
@@ -121,7 +128,9 @@ def test_dry_run_plans_the_full_recipe():
     assert "safetensors" not in model
     for name in ("ceval", "cmmlu", "mmlu"):
         assert f"data/eval/{name}" in blocks
-    assert re.search(r"^total: 27 items, ~\d+(\.\d)? GB", out, re.M), out[-500:]
+    for folder, (repo, include) in GRPO_ITEMS.items():
+        assert repo in blocks.get(folder, "") and include in blocks[folder], folder
+    assert re.search(r"^total: 29 items, ~\d+(\.\d)? GB", out, re.M), out[-500:]
     assert all(re.search(r"~\d+(\.\d)? [GM]B", block) for block in blocks.values())
 
 
@@ -131,6 +140,20 @@ def test_dry_run_only_sft():
     blocks = plan_blocks(result.stdout)
     assert set(blocks) == {"data/sft/7M", "data/sft/Gen"}
     assert "IndustryCorpus2" not in result.stdout and "[pt]" not in result.stdout
+
+
+def test_dry_run_only_grpo():
+    result = run(["--dry-run", "--only", "grpo"])
+    assert result.returncode == 0, result.stderr
+    blocks = plan_blocks(result.stdout)
+    assert set(blocks) == set(GRPO_ITEMS)
+    for folder, (repo, include) in GRPO_ITEMS.items():
+        block = blocks[folder]
+        assert block.startswith("[grpo] ") and f"source:  dataset {repo}" in block, block
+        assert re.search(rf"include: {re.escape(include)}$", block, re.M), block
+        assert re.search(r"~\d+ MB", block), block
+    assert "total: 2 items" in result.stdout
+    assert "[pt]" not in result.stdout and "[eval]" not in result.stdout
 
 
 def test_only_is_repeatable_and_comma_separated():
@@ -156,7 +179,7 @@ def test_dry_run_needs_no_modelscope_and_writes_nothing(tmp_path):
     work, env = sandbox(tmp_path)
     result = run(["--dry-run"], cwd=tmp_path, script=work / "prepare.sh", env=env)
     assert result.returncode == 0, result.stderr
-    assert "total: 27 items" in result.stdout
+    assert "total: 29 items" in result.stdout
     assert sorted(p.name for p in work.iterdir()) == ["prepare.sh"]
 
 
@@ -256,6 +279,43 @@ def test_download_flow_with_fake_modelscope(tmp_path):
     again = run(["--only", "pt,model,dpo"], script=work / "prepare.sh", env=env)
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
     assert not log.exists()
+
+
+def test_grpo_download_with_fake_modelscope(tmp_path):
+    log = tmp_path / "calls.log"
+    fakes = {"modelscope": FAKE_MODELSCOPE.format(bash=BASH, log=log), "curl": f"#!{BASH}\nexit 0\n"}
+    work, env = sandbox(tmp_path, fakes)
+    result = run(["--only", "grpo", "--force"], script=work / "prepare.sh", env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    calls = log.read_text().splitlines()
+    assert calls == ["download --help",
+                     "download --repo-type dataset AI-ModelScope/gsm8k --include main/*.parquet "
+                     "--local-dir data/grpo/gsm8k",
+                     "download --repo-type dataset testUser/GSM8K_zh --include GSM8K_zh.json "
+                     "--local-dir data/grpo/gsm8k_zh"], calls
+    assert (work / "data/grpo/gsm8k/main/fake.parquet").is_file()
+    assert (work / "data/grpo/gsm8k_zh/GSM8K_zh.json").is_file()
+    for folder, (repo, include) in GRPO_ITEMS.items():
+        marker = (work / folder / ".prepare_done").read_text()
+        assert f"source: dataset {repo}" in marker and f"include: {include}" in marker, marker
+    assert sorted(p.name for p in (work / "data").iterdir()) == ["grpo"]  # nothing else was fetched
+    # A second run finds both markers and downloads nothing.
+    log.unlink()
+    again = run(["--only", "grpo"], script=work / "prepare.sh", env=env)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+    assert not log.exists()
+
+
+def test_grpo_download_stops_when_the_file_is_missing(tmp_path):
+    # A modelscope that succeeds but leaves nothing behind (e.g. the repository layout changed).
+    log = tmp_path / "calls.log"
+    fake = (f"#!{BASH}\necho \"$*\" >> '{log}'\n"
+            "if [ \"$2\" = --help ]; then echo 'usage: --repo-type --local-dir --include'; fi\nexit 0\n")
+    work, env = sandbox(tmp_path, {"modelscope": fake, "curl": f"#!{BASH}\nexit 0\n"})
+    result = run(["--only", "grpo", "--force"], script=work / "prepare.sh", env=env)
+    assert result.returncode != 0
+    assert "AI-ModelScope/gsm8k" in result.stderr and "main/*.parquet" in result.stderr, result.stderr
+    assert not (work / "data/grpo/gsm8k/.prepare_done").exists()
 
 
 def requirement_specs(*files) -> list[str]:

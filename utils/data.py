@@ -17,6 +17,10 @@ LLaMA-Factory `function_call` / `observation`) and `reasoning_content`: all beco
 chat templates write them (<tool_call>, <tool_response>, <think> blocks; tools in the system message), so the roles stay
 system/user/assistant. Message text is never parsed as JSON; a DPO prompt/chosen/rejected string is read as messages
 only when it is the text of messages. KTO-style records (a true/false `label`) are skipped, in both stages.
+- "kto": `prompt` + `completion` + `label` (true: a desirable reply), or `messages` + `label` (the last message is
+  the reply); or any "dpo" shape, each pair giving its chosen answer as desirable and its rejected one as not.
+- "grpo": GSM8K's `question` + `answer` (a solution ending in a line `#### <number>`, or the number alone), or
+  GSM8K_zh's `question_zh` + `answer_only`.
 
 Each file is read on its own and only the columns a shape needs are taken from it, so files whose other columns
 drift (Infinity-Instruct's `id` is int64 in 7M and str in Gen; `label` a struct or a str) combine without surgery.
@@ -37,6 +41,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from utils.errors import UserError
+from utils.rewards import final_number, parse_number
 
 # Each may also end in .gz (several public sets ship gzip-compressed jsonl).
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json", ".txt")
@@ -62,12 +67,20 @@ SHAPES = {
             ("prompt", "completion", "label"), ("messages", "label"),
             # hh-rlhf transcripts: last, since every preference file has these two columns.
             ("chosen", "rejected")],
+    "kto": [("prompt", "completion", "label"), ("messages", "label"),
+            # preference pairs, unpaired: the chosen answer desirable, the rejected one not
+            ("prompt", "chosen", "rejected"), ("conversations", "chosen", "rejected"),
+            ("chosen_messages", "rejected_messages"), ("chosen", "rejected")],
+    # GSM8K_zh (prepare.sh): Chinese question and final number beside the English originals, which come second
+    "grpo": [("question_zh", "answer_only"), ("question", "answer")],
 }
 # Optional columns read when present.
 OPTIONAL_COLUMNS = {
     "pt": ("quality_score",),
     "sft": ("label", "category", "system", "input", "tools"),
     "dpo": ("task_category", "system", "prompt", "tools"),
+    "kto": ("system", "prompt", "tools"),
+    "grpo": ("system", "split"),
 }
 
 
@@ -673,7 +686,58 @@ def normalize_dpo(record: dict) -> dict:
     }
 
 
-NORMALIZERS = {"pt": normalize_pt, "sft": normalize_sft, "dpo": normalize_dpo}
+def _label(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise SkipRecord("label is not true/false")
+
+
+def normalize_kto(record: dict) -> list[dict]:
+    """KTO's unpaired data: a prompt, one reply and whether it is desirable. A preference pair gives two."""
+    if "label" not in record:
+        pair = normalize_dpo(record)
+        return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+                {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+    label = _label(record["label"])
+    if record.get("messages") is not None:
+        prompt, completion = _split_answer(_messages(record["messages"]), "completion")
+    else:
+        embedded, completion = _answer(_message_structure(record.get("completion")), "completion")
+        prompt_field = _message_structure(record.get("prompt"))
+        if isinstance(prompt_field, list):
+            prompt = _messages(prompt_field)
+        else:
+            prompt = embedded or [{"role": "user", "content": _text(prompt_field, "prompt")}]
+    prompt = _check_turns(_with_system(prompt, record.get("system"), record.get("tools")))
+    if prompt[-1]["role"] != "user":
+        raise SkipRecord("prompt does not end with a user message")
+    return [{"prompt": prompt, "completion": [{"role": "assistant", "content": completion}], "label": label}]
+
+
+def normalize_grpo(record: dict) -> dict:
+    """A problem with a checkable answer: GSM8K's `question` and `answer` (a solution whose last line is
+    `#### <number>`, or the number alone), as the question and that number (utils.rewards compares with it).
+    GSM8K_zh's `question_zh` / `answer_only` are read the same way; a file that holds its test split beside the
+    train split (a `split` column) gives only the train rows."""
+    if record.get("split") not in (None, "train"):
+        raise SkipRecord(f"not the train split ({record['split']})")
+    question = _text(record.get("question_zh", record.get("question")), "question")
+    answer = record.get("answer_only", record.get("answer"))
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        number = float(answer)
+    else:
+        text = _text(answer, "answer")
+        number = final_number(text) if "####" in text else parse_number(text)
+        if number is None:
+            raise SkipRecord("answer has no final number (a last line '#### <number>', or a number alone)")
+    return {"question": question, "answer": str(int(number)) if number.is_integer() else repr(number),
+            "system": record.get("system")}
+
+
+NORMALIZERS = {"pt": normalize_pt, "sft": normalize_sft, "dpo": normalize_dpo, "kto": normalize_kto,
+               "grpo": normalize_grpo}
 
 
 def iter_normalized(files: list[str], kind: str, counter: SkipCounter, check=None) -> Iterator[dict]:
@@ -684,13 +748,15 @@ def iter_normalized(files: list[str], kind: str, counter: SkipCounter, check=Non
         for where, record in iter_file_records(path, kind):
             try:
                 normalized = normalize(record)
+                # a KTO record may be a preference pair: two unpaired rows
+                rows = normalized if isinstance(normalized, list) else [normalized]
                 if check is not None:
-                    normalized = check(normalized)
+                    rows = [check(row) for row in rows]
             except SkipRecord as reason:
                 counter.skip(str(reason), where)
                 continue
             counter.kept += 1
-            yield normalized
+            yield from rows
 
 
 def load_records(specs: str | list[str], kind: str) -> tuple[list[dict], SkipCounter]:

@@ -9,7 +9,7 @@ TRL's assistant_only_loss off for its own labels); the git commit, library versi
 step kept and skipped (<output_dir>/data_report.json); steps, tokens, wall time, tokens/s and MFU
 (ThroughputCallback's logs in trainer_state.json); the loss at start, lowest and end, the curves (loss.png); and the
 stage's metrics: held-out bits per byte on mini_data/heldout/heldout.txt, DPO's reward accuracy and margin at start
-and end. report.json beside it holds the same numbers for the pipeline card.
+and end, GRPO's mean reward and each reward function's. report.json beside it holds the same numbers for the pipeline card.
 """
 
 import argparse
@@ -33,6 +33,7 @@ from utils.throughput import human_count, human_duration
 
 HELDOUT_TEXT = "mini_data/heldout/heldout.txt"
 STAGES = ("pt", "sft", "dpo")
+EXTRA_STAGES = ("grpo",)  # listed in the pipeline card only when run (`bash run.sh grpo`)
 LIBRARIES = ("torch", "transformers", "trl", "accelerate", "deepspeed", "datasets", "peft", "flash-attn",
              "liger-kernel", "torchao", "tiktoken")
 
@@ -152,8 +153,12 @@ def stage_summary(state: dict, stage: str, heldout_bits_per_byte: float | None) 
                "peak_gpu_memory_gib": max(value for _, value in memory) if memory else None,
                "loss": _start_min_end(_logged(history, "loss")), "heldout_bits_per_byte": heldout_bits_per_byte}
     if stage == "dpo":
-        summary["rewards"] = {key: _start_min_end(_logged(history, f"rewards/{key}"))
-                              for key in ("accuracies", "margins")}
+        summary["rewards"] = {key: _start_min_end(_logged(history, key))
+                              for key in ("rewards/accuracies", "rewards/margins")}
+    if stage == "grpo":  # the weighted sum, then each reward function's mean
+        logged_keys = dict.fromkeys(key for entry in history for key in entry)
+        summary["rewards"] = {key: _start_min_end(_logged(history, key)) for key in logged_keys
+                              if key == "reward" or (key.startswith("rewards/") and key.endswith("/mean"))}
     return summary
 
 
@@ -232,8 +237,8 @@ def stage_markdown(summary: dict, command_line: list[str], rows, versions: dict,
     lines += ["", "## Metrics", "", f"- held-out bits per byte (`{HELDOUT_TEXT}`): "
               + (f"{bits:.4f}" if bits is not None else "not measured")]
     for key, points in summary.get("rewards", {}).items():
-        lines.append(f"- rewards/{key}: start {_number(points['start'])} (step {points['start_step']}), end "
-                     f"{_number(points['end'])} (step {points['end_step']})" if points else f"- rewards/{key}: —")
+        lines.append(f"- {key}: start {_number(points['start'])} (step {points['start_step']}), end "
+                     f"{_number(points['end'])} (step {points['end_step']})" if points else f"- {key}: —")
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +272,7 @@ def pipeline_report(results_dir: str) -> Path:
              "| stage | report | steps | tokens seen | final loss | held-out bits/byte | tokens/s (mean) | "
              "MFU (mean) |",
              "|---|---|---|---|---|---|---|---|"]
-    for stage in STAGES:
+    for stage in STAGES + tuple(s for s in EXTRA_STAGES if (results / s / "report.json").is_file()):
         summary_file = results / stage / "report.json"
         if not summary_file.is_file():
             lines.append(f"| {stage} | not run | | | | | | |")
