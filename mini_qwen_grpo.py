@@ -8,7 +8,7 @@
     # N GPUs, DeepSpeed ZeRO-2
     accelerate launch --config_file accelerate_config.yaml --num_processes 8 mini_qwen_grpo.py --config configs/grpo.yaml
     # LoRA; a reward model (mini_qwen_dpo.py --method rm) as a third reward
-    python mini_qwen_grpo.py --config configs/grpo.yaml --use_lora true
+    python mini_qwen_grpo.py --config configs/grpo.yaml --use_peft true
     python mini_qwen_grpo.py --config configs/grpo.yaml --reward_funcs correct_answer answer_format results/rm
 
 For each problem the model samples `num_generations` answers; each answer's rewards (utils.rewards: the right final

@@ -181,8 +181,10 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         self._step.zero_()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" not in logs:  # the end-of-training summary, evaluation (also before training starts)
+            return
         steps = state.global_step - self._window_step
-        if "loss" not in logs or steps <= 0:  # the end-of-training summary, evaluation
+        if steps <= 0:
             return
         seconds = time.perf_counter() - self._window_start
         tokens, squared_lengths = self._window.tolist()

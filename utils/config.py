@@ -5,16 +5,19 @@ and a `--flag`; the CLI wins. Relative paths are taken from the repository root,
 any working directory (the original had to be started from the repo root).
 """
 
+import atexit
 import logging
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
+import yaml
 from trl import TrlParser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +46,46 @@ def _prepare_only(argv: list[str]) -> bool:
         if arg == "--prepare_only":
             return index + 1 == len(argv) or argv[index + 1].lower() not in ("false", "0", "no")
     return False
+
+
+def recipe_value(argv: list[str], key: str, default: str) -> str:
+    """One key's value before the whole command line is parsed (`--key V`, `--key=V`, else the recipe's, else
+    `default`): for a key that decides which dataclasses parse the rest."""
+    for index, arg in enumerate(argv):
+        if arg == f"--{key}" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(f"--{key}="):
+            return arg.split("=", 1)[1]
+    recipe = _recipe(argv)
+    return str(recipe.get(key, default)) if recipe else default
+
+
+def _recipe(argv: list[str]) -> dict | None:
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return yaml.safe_load(Path(repo_path(argv[index + 1])).read_text()) or {}
+        if arg.startswith("--config="):
+            return yaml.safe_load(Path(repo_path(arg.split("=", 1)[1])).read_text()) or {}
+    return None
+
+
+def without_recipe_keys(argv: list[str], keys: set[str], reason: str) -> list[str]:
+    """`argv` with its recipe rewritten without `keys` (a recipe written for a sibling method: the DPO recipe's
+    DPO-only settings when another preference method runs). Each dropped key is printed; the same keys given as
+    flags are still refused by the parser."""
+    recipe = _recipe(argv)
+    dropped = sorted(keys & set(recipe or {}))
+    if not dropped:
+        return argv
+    print(f"recipe keys left out ({reason}): {', '.join(dropped)}", file=sys.stderr)
+    trimmed = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="recipe-", delete=False)
+    with trimmed:
+        yaml.safe_dump({k: v for k, v in recipe.items() if k not in dropped}, trimmed, allow_unicode=True)
+    atexit.register(os.unlink, trimmed.name)
+    config_index = next(i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config="))
+    if argv[config_index] == "--config":
+        return [*argv[:config_index], "--config", trimmed.name, *argv[config_index + 2:]]
+    return [*argv[:config_index], f"--config={trimmed.name}", *argv[config_index + 1:]]
 
 
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None):

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel, set_seed
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig,
+                          PretrainedConfig, PreTrainedModel, set_seed)
 
 from utils.checkpoint import CheckpointError
 from utils.errors import ConfigError, MissingInputError
@@ -162,6 +163,21 @@ def load_checkpoint(path: str, device: str):
     from utils.tokenizer import load_tokenizer
 
     return model.to(device).eval(), load_tokenizer(path)
+
+
+def build_reward_model(init_from: str, tokenizer, attn_implementation: str = "auto", seed: int = 42) -> PreTrainedModel:
+    """A checkpoint with a one-number score head (new, seeded random init) in place of its LM head, float32: a
+    reward model for TRL's RewardTrainer, which GRPOTrainer later loads as a reward function from its folder."""
+    set_seed(seed)
+    if not (Path(init_from) / "config.json").is_file():
+        raise MissingInputError(f"checkpoint not found: {init_from} (no config.json there)")
+    check_model_config(AutoConfig.from_pretrained(init_from), init_from)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        init_from, num_labels=1, dtype=torch.float32, attn_implementation=pick_attention(attn_implementation))
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at each row's last non-pad token
+    logger.info("reward model: %s with a new score head, %s parameters", init_from,
+                f"{sum(p.numel() for p in model.parameters()):,}")
+    return model
 
 
 def score_only_labelled_positions_on_cpu() -> None:

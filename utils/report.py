@@ -9,7 +9,7 @@ TRL's assistant_only_loss off for its own labels); the git commit, library versi
 step kept and skipped (<output_dir>/data_report.json); steps, tokens, wall time, tokens/s and MFU
 (ThroughputCallback's logs in trainer_state.json); the loss at start, lowest and end, the curves (loss.png); and the
 stage's metrics: held-out bits per byte on mini_data/heldout/heldout.txt, DPO's reward accuracy and margin at start
-and end, GRPO's mean reward and each reward function's. report.json beside it holds the same numbers for the pipeline card.
+and end, GRPO's mean reward and each reward function's, a reward model's accuracy on its held-out pairs. report.json beside it holds the same numbers for the pipeline card.
 """
 
 import argparse
@@ -155,6 +155,8 @@ def stage_summary(state: dict, stage: str, heldout_bits_per_byte: float | None) 
     if stage == "dpo":
         summary["rewards"] = {key: _start_min_end(_logged(history, key))
                               for key in ("rewards/accuracies", "rewards/margins")}
+    if stage == "rm":  # evaluated before and after training
+        summary["heldout_accuracy"] = _start_min_end(_logged(history, "eval_accuracy"))
     if stage == "grpo":  # the weighted sum, then each reward function's mean
         logged_keys = dict.fromkeys(key for entry in history for key in entry)
         summary["rewards"] = {key: _start_min_end(_logged(history, key)) for key in logged_keys
@@ -236,6 +238,10 @@ def stage_markdown(summary: dict, command_line: list[str], rows, versions: dict,
     bits = summary["heldout_bits_per_byte"]
     lines += ["", "## Metrics", "", f"- held-out bits per byte (`{HELDOUT_TEXT}`): "
               + (f"{bits:.4f}" if bits is not None else "not measured")]
+    accuracy = summary.get("heldout_accuracy")
+    if accuracy:
+        lines.append(f"- accuracy on held-out pairs (chosen scored above rejected): start {accuracy['start']:.1%}, "
+                     f"end {accuracy['end']:.1%}")
     for key, points in summary.get("rewards", {}).items():
         lines.append(f"- {key}: start {_number(points['start'])} (step {points['start_step']}), end "
                      f"{_number(points['end'])} (step {points['end_step']})" if points else f"- {key}: —")

@@ -62,12 +62,13 @@ def stop_if_interrupted(trainer, stage: str) -> None:
                          "continue with --resume_from_checkpoint auto")
 
 
-def save_and_report(trainer, tokenizer, stage: str) -> None:
+def save_and_report(trainer, tokenizer, stage: str, score_heldout_text: bool = True) -> None:
     """The final model in a folder that loads anywhere (utils.checkpoint.save_final_model), and its report card
-    (utils.report, with the held-out bits per byte)."""
+    (utils.report, with the held-out bits per byte of a language model; a reward model has none)."""
     save_final_model(trainer, tokenizer, trainer.args.output_dir, stage)
     if trainer.is_world_process_zero():
-        logger.info("report card: %s", write_stage_report(trainer.args.output_dir, stage, trainer.args, trainer.model,
+        model = trainer.model if score_heldout_text else None
+        logger.info("report card: %s", write_stage_report(trainer.args.output_dir, stage, trainer.args, model,
                                                           tokenizer))
     end_processes(trainer)
 
