@@ -83,7 +83,7 @@ def test_data_prep_benchmark_compares_both_pipelines_and_worker_counts():
 @pytest.mark.parametrize("moments, state_bytes_per_parameter", [("8bit", 2)])  # bf16: the suite test's lean row
 def test_lean_recipe_reports_memory_by_kind(moments, state_bytes_per_parameter):
     (result,) = main(["step", "--recipe", "lean", "--lean_moments", moments, "--model_config", "models/mini_qwen_tiny",
-                      "--micro_batch", "2", "--seq_len", "32", "--steps", "1", "--warmup", "1", "--track_memory"])
+                      "--micro_batch", "2", "--seq_len", "32", "--steps", "1", "--warmup", "0", "--track_memory"])
     settings = result["settings"]
     assert (settings["weights"], settings["optimizer"], settings["activation_checkpointing"]) == (
         "bfloat16", "_AdamW" if moments == "bf16" else "AdamW8bit", True)

@@ -4,10 +4,11 @@ import json
 
 import pytest
 from transformers import TrainingArguments
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, SFTConfig
 
 from conftest import REFERENCE, REPO, needs_shared
 from mini_qwen_dpo import DPOScriptArguments
+from mini_qwen_grpo import GRPOScriptArguments
 from mini_qwen_pt import PretrainArguments
 from mini_qwen_sft import SFTScriptArguments
 from utils.config import parse_config
@@ -15,7 +16,7 @@ from utils.crash_safety import CrashSafetyArguments
 from utils.lora import LoraArguments
 
 STAGES = {"pt": (PretrainArguments, TrainingArguments), "sft": (SFTScriptArguments, SFTConfig),
-          "dpo": (DPOScriptArguments, DPOConfig)}
+          "dpo": (DPOScriptArguments, DPOConfig), "grpo": (GRPOScriptArguments, GRPOConfig)}
 
 
 def parse(stage: str, config: str, *flags: str):
@@ -33,6 +34,22 @@ def test_every_recipe_parses(stage, prefix):
     assert training_args.max_grad_norm == 1.0 and training_args.weight_decay == 0.1
     assert training_args.lr_scheduler_type == "cosine_with_min_lr"
     assert training_args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+@pytest.mark.parametrize("method, config_name", [("orpo", "ORPOConfig"), ("simpo", "CPOConfig"),
+                                                 ("kto", "KTOConfig"), ("rm", "RewardConfig")])
+def test_dpo_recipe_runs_every_method_without_its_dpo_only_keys(method, config_name, capsys):
+    from mini_qwen_dpo import parse_method_args
+
+    flags = ["--config", str(REPO / "configs" / "dpo.yaml"), "--bf16", "false", "--use_cpu", "true"]
+    script_args, *_, training_args = parse_method_args([*flags, "--method", method])
+    assert type(training_args).__name__ == config_name and script_args.method == method
+    assert training_args.learning_rate == 5e-7 and training_args.max_length == 1024  # the recipe's shared keys
+    assert "precompute_ref_log_probs" in capsys.readouterr().err  # left out, and said so
+    if method == "simpo":
+        assert training_args.loss_type == "simpo" and training_args.cpo_alpha == 0
+    with pytest.raises(ValueError, match="precompute_ref_log_probs"):  # given on purpose: refused, not dropped
+        parse_method_args([*flags, "--method", method, "--precompute_ref_log_probs", "true"])
 
 
 def logged_learning_rates(log: str) -> tuple[int, list[tuple[int, float]]]:

@@ -40,7 +40,8 @@ def test_mean_reward_rises_and_each_reward_is_logged(math_sft_checkpoint, tmp_pa
     out = tmp_path / "out"
     main(["--config", str(REPO / "configs" / "demo_grpo.yaml"), *cpu_flags(out, tmp_path / "cache"),
           "--init_from", str(math_sft_checkpoint), "--logging_steps", "2", "--max_steps", "8",
-          "--learning_rate", "5e-3", "--max_completion_length", "16",
+          "--learning_rate", "5e-3", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+          "--max_completion_length", "16",
           # only the learnable reward counts; the two built-in ones are logged beside it
           "--reward_funcs", "test_grpo_stage:digit_share", "answer_format", "correct_answer",
           "--reward_weights", "1", "0", "0"])
@@ -95,3 +96,19 @@ def test_problems_load_in_both_shapes(tmp_path):
     assert rows == [{"question": "汤姆有3个苹果。", "answer": "3", "system": None}]
     assert counter.skipped == {"not the train split (test)": 1,
                                "answer has no final number (a last line '#### <number>', or a number alone)": 1}
+
+
+def test_grpo_with_lora_trains_adapters_only(math_sft_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from mini_qwen_grpo import main
+
+    out = tmp_path / "lora"
+    main(["--config", str(REPO / "configs" / "demo_grpo.yaml"), *cpu_flags(out, tmp_path / "cache"),
+          "--init_from", str(math_sft_checkpoint), "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
+          "--learning_rate", "1e-2", "--max_steps", "2", "--max_completion_length", "8",
+          "--reward_funcs", "test_grpo_stage:digit_share", "--reward_weights", "1"])
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert not (out / "model.safetensors").exists()  # adapters only; `python -m utils.lora merge` joins them
+    adapters = load_file(out / "adapter_model.safetensors")
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in adapters.items())  # B starts at 0
