@@ -76,6 +76,13 @@ def test_spike_over_factor_times_running_median_trips_the_guard():
         assert control.should_training_stop == (loss == 12.0)
     assert guard.tripped["skip_samples"] == "0:40" and "running median" in guard.tripped["problem"]
 
+    around_zero = AnomalyGuard(CrashSafetyArguments(anomaly_factor=3.0, anomaly_min_history=3))
+    control.should_training_stop = False
+    for step, loss in enumerate([-2e-9, 1e-9, -5e-9, 3e-9, 0.02, float("nan")], start=1):  # GRPO-like losses
+        state.global_step = step
+        around_zero.on_log(args, state, control, logs={"loss": loss})
+        assert control.should_training_stop == (step == 6)  # no ratio rule around 0; NaN still stops
+
 
 def test_skip_ranges_are_validated():
     assert parse_ranges(["10:20", "0:4"]) == [(10, 20), (0, 4)]

@@ -98,7 +98,8 @@ class AnomalyGuard(TrainerCallback):
             return f"loss is {loss}"
         if self.factor and len(self.history) >= self.min_history:
             median = statistics.median(self.history[-self.window:])
-            if loss > self.factor * median:
+            # A ratio rule needs a positive scale: a loss around 0 (GRPO's policy loss) has none.
+            if median > 0 and loss > self.factor * median:
                 return f"loss {loss:.4g} is over {self.factor} x the running median {median:.4g}"
         return None
 

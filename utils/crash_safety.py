@@ -18,7 +18,8 @@ logger = logging.getLogger("mini_qwen")
 @dataclass
 class CrashSafetyArguments:
     anomaly_factor: float = field(default=3.0, metadata={
-        "help": "stop when a logged loss exceeds this times the running median (0 disables; NaN/inf always stop)"})
+        "help": "stop when a logged loss exceeds this times the running median, if that is positive (0 disables; "
+                "NaN/inf always stop)"})
     anomaly_window: int = field(default=20, metadata={"help": "logged losses in the running median"})
     anomaly_min_history: int = field(default=5, metadata={"help": "logged losses needed before spikes are judged"})
     skip_samples: list[str] = field(default_factory=list, metadata={
