@@ -45,11 +45,11 @@ def test_dpo_recipe_runs_every_method_without_its_dpo_only_keys(method, config_n
     script_args, *_, training_args = parse_method_args([*flags, "--method", method])
     assert type(training_args).__name__ == config_name and script_args.method == method
     assert training_args.learning_rate == 5e-7 and training_args.max_length == 1024  # the recipe's shared keys
-    assert "precompute_ref_log_probs" in capsys.readouterr().err  # left out, and said so
+    assert "loss_type" in capsys.readouterr().err  # DPO's loss types: left out, and said so
     if method == "simpo":
         assert training_args.loss_type == "simpo" and training_args.cpo_alpha == 0
-    with pytest.raises(ValueError, match="precompute_ref_log_probs"):  # given on purpose: refused, not dropped
-        parse_method_args([*flags, "--method", method, "--precompute_ref_log_probs", "true"])
+    with pytest.raises(ValueError, match="loss_weights"):  # a DPO-only flag given on purpose: refused, not dropped
+        parse_method_args([*flags, "--method", method, "--loss_weights", "1.0"])
 
 
 def logged_learning_rates(log: str) -> tuple[int, list[tuple[int, float]]]:
