@@ -2,7 +2,9 @@
 real stage code on the repo's own mini_data, and the paths to the reference data in ../shared.
 
 A plain clone has no ../shared: the tests that need it are marked `needs_shared` and skip, saying so in the summary.
-CI has it, and runs with MINI_QWEN_REQUIRE_SHARED=1 (.ci/run), which turns its absence into an error instead."""
+CI has it, and runs with MINI_QWEN_REQUIRE_SHARED=1 (.ci/run), which turns its absence into an error instead.
+Likewise the two tests that need an optional tool (a browser, llama-cpp-python) skip without it, and fail instead under
+MINI_QWEN_REQUIRE_OPTIONAL=1, which .ci/run sets after installing both."""
 
 import os
 import sys
@@ -29,6 +31,14 @@ def pytest_configure(config):
     if os.environ.get("MINI_QWEN_REQUIRE_SHARED") and not REFERENCE.is_dir():
         raise pytest.UsageError(f"MINI_QWEN_REQUIRE_SHARED is set but {REFERENCE} is missing: the tests that read "
                                 "the reference data would all be skipped")
+
+
+def skip_without(tool_missing: str):
+    """Skip a test whose optional tool is missing, saying which; under MINI_QWEN_REQUIRE_OPTIONAL=1 (CI installed
+    the tools) a missing one is a failure, so a broken install cannot turn into a quietly skipped test."""
+    if os.environ.get("MINI_QWEN_REQUIRE_OPTIONAL"):
+        pytest.fail(f"{tool_missing}, and MINI_QWEN_REQUIRE_OPTIONAL is set (.ci/run installs it)")
+    pytest.skip(tool_missing)
 
 
 def cpu_flags(output_dir, cache_dir) -> list[str]:

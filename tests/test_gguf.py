@@ -2,10 +2,13 @@
 logits, llama.cpp (llama-cpp-python, where installed) continues a prompt greedily as transformers does, and the
 ollama Modelfile carries the checkpoint's sampling defaults and chat template."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
+
+from conftest import skip_without
 
 PROMPT = "长城是中国古代的"
 
@@ -70,9 +73,10 @@ def test_lora_adapter_folder_is_refused_with_the_merge_command(tmp_path):
 
 
 def test_llama_cpp_continues_greedily_like_transformers(sft_checkpoint, exported):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp: "
-                            "pip install llama-cpp-python==0.3.36)")
+    if importlib.util.find_spec("llama_cpp") is None:
+        skip_without("llama-cpp-python is not installed (it compiles llama.cpp: pip install llama-cpp-python==0.3.36)")
+    import llama_cpp
+
     ids = prompt_ids(sft_checkpoint)
     expected = transformers_model(sft_checkpoint).generate(
         ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, repetition_penalty=1.0)[0, ids.shape[1]:].tolist()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, skip_without
 
 openai = pytest.importorskip("openai")
 
@@ -116,9 +116,10 @@ def test_checkpoint_has_what_vllm_reads(sft_checkpoint):
     assert generation["eos_token_id"] == [151645, 151643] and generation["repetition_penalty"] == 1.1
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no browser at {CHROMIUM} (apt-get install chromium)")
 def test_chat_page_streams_an_answer_in_a_browser(servers, sft_checkpoint, tmp_path):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    if not os.path.exists(CHROMIUM):
+        skip_without(f"no browser at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
     url = servers["sft"]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
