@@ -3,8 +3,8 @@ real stage code on the repo's own mini_data, and the paths to the reference data
 
 A plain clone has no ../shared: the tests that need it are marked `needs_shared` and skip, saying so in the summary.
 CI has it, and runs with MINI_QWEN_REQUIRE_SHARED=1 (.ci/run), which turns its absence into an error instead.
-Likewise the two tests that need an optional tool (a browser, llama-cpp-python) skip without it, and fail instead under
-MINI_QWEN_REQUIRE_OPTIONAL=1, which .ci/run sets after installing both."""
+Likewise the tests that need an optional tool (a browser, llama-cpp-python, shellcheck) skip without it, and fail
+instead under MINI_QWEN_REQUIRE_OPTIONAL=1, which .ci/run sets after installing them."""
 
 import os
 import sys

@@ -5,14 +5,14 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, skip_without
 
 
 def test_shell_scripts_parse_and_pass_shellcheck():
     for script in ("run.sh", "prepare.sh", ".ci/run"):
         assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed")
+        skip_without("shellcheck not installed (apt-get install shellcheck)")
     result = subprocess.run(["shellcheck", "run.sh", "prepare.sh", ".ci/run"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
