@@ -3,8 +3,6 @@
 import shutil
 import subprocess
 
-import pytest
-
 from conftest import REPO, skip_without
 
 
