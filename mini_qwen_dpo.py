@@ -40,6 +40,7 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from utils.chat import ChatTokens
+from utils.compat import require
 from utils.config import parse_stage_args, recipe_value, repo_path, start_run, without_recipe_keys
 from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
@@ -135,7 +136,9 @@ def conversation_preparation(files, tokenizer, script_args, max_length, key) -> 
 
 class PreparedDPOTrainer(SkipSamplesMixin, DPOTrainer):
     """DPOTrainer on rows that utils.prepare tokenized as TRL would: TRL 1.16 has no switch to skip its own
-    tokenization, which would repeat the work on the main process while every other rank waits in a barrier."""
+    tokenization, which would repeat the work on the main process while every other rank waits in a barrier.
+    `_prepare_dataset` is TRL-internal: probed at start-up (utils.compat), and tests/test_compat.py checks that
+    preference_preparation gives exactly TRL's own rows."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     script_args, lora_args, crash_args, tracker_args, training_args = parse_method_args(argv)
     method = script_args.method
+    if method == "dpo":
+        require("dpo_prepare_dataset")
     logger = start_run(training_args, tracker_args)
     score_only_labelled_positions_on_cpu()
     if method == "rm" and lora_args.use_peft:

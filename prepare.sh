@@ -2,7 +2,7 @@
 # prepare.sh: download the real data and model files that the full mini_qwen recipe uses, with the
 # ModelScope CLI (`modelscope download`). Run `bash prepare.sh --help` for usage; `--dry-run` prints the
 # plan without touching the network. The demo configs (configs/demo_*.yaml) use mini_data/ and need nothing
-# from here. `--wheels DIR` instead downloads the Python packages, for a GPU machine without internet.
+# from here. The Python packages for a GPU machine without internet: `python -m utils.deps wheels DIR`.
 #
 # Resumable: every item gets a `.prepare_done` marker in its target folder once its download has succeeded
 # and been checked; items with a marker are skipped, and modelscope resumes partially downloaded files.
@@ -128,13 +128,6 @@ grpo:gsm8k                                                3
 grpo:gsm8k_zh                                            15
 '
 
-# --wheels: requirement files whose packages are fetched, and what is left out of them. torch: the GPU machine
-# has its own CUDA build, and with it triton and the CUDA libraries (nvidia-*, cuda-*), left out of the resolved
-# dependencies too. flash-attn: no wheel on PyPI, it builds from source against the GPU machine's CUDA toolkit.
-WHEEL_REQUIREMENTS=(requirements.txt requirements-gpu.txt)
-WHEEL_SKIP_REQUIREMENTS=(torch flash-attn)
-WHEEL_SKIP_RESOLVED='^(torch|triton|nvidia-.*|cuda-.*)$'
-
 ALL_PARTS=(pt sft dpo model eval grpo)
 MARKER=".prepare_done"
 DISK_MARGIN_PERCENT=10      # free space needed: planned total + 10% + 1 GB
@@ -145,7 +138,6 @@ LIST_TIMEOUT_SECONDS="${PREPARE_LIST_TIMEOUT:-300}"   # listing a folder's files
 usage() {
     cat <<EOF
 Usage: bash prepare.sh [--only PART[,PART...]]... [--dry-run] [--force] [-h|--help]
-       bash prepare.sh --wheels DIR [--dry-run]
 
 Downloads the data and model files of the full mini_qwen recipe from ModelScope (modelscope CLI):
   pt     BAAI/IndustryCorpus2, high tier, 10 industries x chinese/english  -> data/pt/<industry>/<language>/high/
@@ -162,11 +154,6 @@ Options:
   --dry-run     print the plan (what, source, include pattern, target, approximate size) and a total, then
                 exit; needs neither network nor modelscope
   --force       skip the free-disk-space check
-  --wheels DIR  instead of data: download (or build, for sdist-only packages such as deepspeed) wheels of
-                everything in requirements.txt and requirements-gpu.txt and their dependencies into DIR, without torch
-                (the GPU machine has its own CUDA build) and flash-attn (no wheel: it builds from source there);
-                then prints the command that installs them there with no network. Wheels are for this machine's
-                Python and platform: run it with the GPU machine's Python version (PYTHON=python3.X)
   -h, --help    show this help
 
 Resumable: a finished item leaves a ${MARKER} file in its target folder and is skipped next time; rerun
@@ -189,7 +176,6 @@ log() {
 DRY_RUN=0
 FORCE=0
 SELECTED=()
-WHEELS_DIR=""
 
 add_parts() {
     local value=$1 part p known
@@ -220,23 +206,10 @@ while (( $# )); do
             shift
             ;;
         --only=*) add_parts "${1#--only=}" ;;
-        --wheels)
-            [[ $# -ge 2 && -n "$2" ]] || { printf 'prepare.sh: --wheels needs a folder\n' >&2; exit 2; }
-            WHEELS_DIR=$2
-            shift
-            ;;
-        --wheels=*)
-            WHEELS_DIR=${1#--wheels=}
-            [[ -n "$WHEELS_DIR" ]] || { printf 'prepare.sh: --wheels needs a folder\n' >&2; exit 2; }
-            ;;
         *) printf "prepare.sh: unknown option '%s' (see bash prepare.sh --help)\n" "$1" >&2; exit 2 ;;
     esac
     shift
 done
-if [[ -n "$WHEELS_DIR" && ${#SELECTED[@]} -gt 0 ]]; then
-    printf 'prepare.sh: --wheels fetches packages only, not data: drop --only %s\n' "${SELECTED[*]}" >&2
-    exit 2
-fi
 (( ${#SELECTED[@]} )) || SELECTED=("${ALL_PARTS[@]}")
 
 part_selected() {
@@ -574,83 +547,8 @@ download_item() {
     log "    done ($target/$MARKER written)"
 }
 
-# ----------------------------------------------------------------------------------------------------------
-# Wheels for a machine without internet (--wheels DIR)
-# ----------------------------------------------------------------------------------------------------------
-
-# The requirement lines of the files given, one per line, without comments and WHEEL_SKIP_REQUIREMENTS.
-wheel_requirements() {
-    local file line skip
-    for file in "$@"; do
-        [[ -f "$file" ]] || die "$file not found next to prepare.sh"
-        while IFS= read -r line || [[ -n "$line" ]]; do
-            line=${line%%#*}
-            read -r line <<< "$line"   # trims the spaces around it
-            [[ -n "$line" ]] || continue
-            for skip in "${WHEEL_SKIP_REQUIREMENTS[@]}"; do
-                [[ "${line%%[<>=!~;[ ]*}" == "$skip" ]] && continue 2
-            done
-            printf '%s\n' "$line"
-        done < "$file"
-    done
-}
-
-# pip's resolution report (JSON, on stdin) as name==version lines, without the names WHEEL_SKIP_RESOLVED matches.
-RESOLVED_PINS_PY='
-import json, re, sys
-skip = re.compile(sys.argv[1])
-for item in json.load(sys.stdin)["install"]:
-    name, version = item["metadata"]["name"], item["metadata"]["version"]
-    if not skip.match(re.sub(r"[-_.]+", "-", name).lower()):
-        print(f"{name}=={version}")
-'
-
-download_wheels() {
-    local py=${PYTHON:-python3} report line
-    local requirements=() pins=() resolve install
-    while IFS= read -r line; do
-        requirements+=("$line")
-    done < <(wheel_requirements "${WHEEL_REQUIREMENTS[@]}")
-    # Resolving first (metadata only) finds every dependency without downloading torch, which accelerate, peft
-    # and deepspeed depend on; the wheels are then fetched one by one, without their dependencies.
-    resolve=("$py" -m pip install --dry-run --ignore-installed --quiet --report - "${requirements[@]}")
-    install="pip install --no-index --find-links $WHEELS_DIR -r ${WHEEL_REQUIREMENTS[0]}"
-    while IFS= read -r line; do
-        install+=" '$line'"
-    done < <(wheel_requirements "${WHEEL_REQUIREMENTS[@]:1}")
-    if (( DRY_RUN )); then
-        log "prepare.sh plan (dry run: nothing is downloaded): wheels into $WHEELS_DIR/"
-        log "      left out: ${WHEEL_SKIP_REQUIREMENTS[*]} (see prepare.sh), and torch's triton, nvidia-* and cuda-*"
-        log "      resolve:  ${resolve[*]}"
-        log "      fetch:    $py -m pip wheel --no-deps --wheel-dir $WHEELS_DIR <each resolved name==version>"
-        log "      then, on the machine without internet, with its CUDA torch installed, in this folder:"
-        log "      $install"
-        log "dry run: nothing was downloaded"
-        return 0
-    fi
-    "$py" -m pip --version >/dev/null 2>&1 || die "no pip for $py: set PYTHON to the Python whose pip to use"
-    log "==> resolving ${#requirements[@]} requirements of ${WHEEL_REQUIREMENTS[*]}"
-    report=$("${resolve[@]}") \
-        || die "resolving the requirements failed (no network? pip older than 22.2, without --report?): see above"
-    while IFS= read -r line; do
-        pins+=("$line")
-    done < <("$py" -c "$RESOLVED_PINS_PY" "$WHEEL_SKIP_RESOLVED" <<< "$report")
-    (( ${#pins[@]} )) || die "pip's resolution report lists no packages"
-    log "==> ${#pins[@]} wheels into $WHEELS_DIR/ (torch, triton, nvidia-* and cuda-* left out)"
-    "$py" -m pip wheel --no-deps --wheel-dir "$WHEELS_DIR" "${pins[@]}" \
-        || die "fetching the wheels failed: no network? rerun prepare.sh --wheels $WHEELS_DIR"
-    log ""
-    log "wheels are in $WHEELS_DIR/. Copy it with this repository to the machine without internet, install its CUDA"
-    log "torch, then in the repository's folder:"
-    log "    $install"
-}
-
 main() {
     local i n pending=0
-    if [[ -n "$WHEELS_DIR" ]]; then
-        download_wheels
-        return 0
-    fi
     build_plan
     print_plan
     if (( DRY_RUN )); then

@@ -455,14 +455,11 @@ def run_row(argv: list[str], timeout: float) -> dict:
 def import_what_rows_use() -> None:
     """transformers and TRL load their model and trainer modules on first use (~4.5 s here): once in the parent,
     before the forks, instead of once per row. A model on the meta device touches no CUDA."""
-    import importlib
-
     from transformers import AutoModelForCausalLM
+    from trl import DPOTrainer, SFTTrainer  # noqa: F401 (TRL's lazy module imports each one's module here)
 
     from utils.modeling import load_model_config
 
-    for module in ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer"):
-        importlib.import_module(module)
     with torch.device("meta"):
         AutoModelForCausalLM.from_config(load_model_config("models/mini_qwen_tiny"))
 

@@ -128,11 +128,17 @@ def parse_stage_args(script_arguments, trainer_config, argv: list[str] | None = 
 def start_run(training_args, tracker_args) -> logging.Logger:
     """What every stage does once parsed: output_dir anchored to the repo; wandb / swanlab set up
     (utils.trackers); rank-0 logging; bf16 falling back to fp16 where unsupported."""
+    from utils.compat import INSTALL_LOCKED, unlocked_versions
     from utils.modeling import resolve_mixed_precision
+    from utils.report import LIBRARIES
     from utils.trackers import configure_trackers
 
     training_args.output_dir = repo_path(training_args.output_dir)
     configure_trackers(training_args, tracker_args)  # after output_dir is anchored: the run folders go inside it
     logger = setup_logging(training_args)
+    moved = unlocked_versions(LIBRARIES)
+    if moved:
+        logger.warning("libraries at versions this repo was not tested with: %s; the tested set: %s",
+                       ", ".join(moved), INSTALL_LOCKED)
     resolve_mixed_precision(training_args)
     return logger

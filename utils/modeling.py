@@ -10,6 +10,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           PretrainedConfig, PreTrainedModel, set_seed)
 
 from utils.checkpoint import CheckpointError
+from utils.compat import require
 from utils.errors import ConfigError, MissingInputError
 
 logger = logging.getLogger("mini_qwen")
@@ -186,11 +187,12 @@ def score_only_labelled_positions_on_cpu() -> None:
     as Neuron's. On a CPU that fixed shape buys nothing: the prompt and padding positions, most of a DPO batch, cost
     151,936-wide projections and are then masked out. This lets the CPU take the labelled-positions path too (its
     torch tiles, not Triton, still do the arithmetic; the result is the same log-probabilities). Measured on the
-    tiny model: see docs/BENCHMARKS.md, "CPU: TRL's LM head". A TRL without that switch is left as it is."""
+    tiny model: see docs/BENCHMARKS.md, "CPU: TRL's LM head". The switch is TRL-internal: probed (utils.compat)."""
+    require("trl_fused_head_switch")
     import trl.trainer.utils as trl_utils
 
-    use_triton = getattr(trl_utils, "_use_triton", None)
-    if use_triton is None or getattr(use_triton, "cpu_compact", False):
+    use_triton = trl_utils._use_triton
+    if getattr(use_triton, "cpu_compact", False):
         return
 
     def compact_on_cpu(device: torch.device) -> bool:

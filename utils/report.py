@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from utils.compat import locked_versions, normalise
 from utils.config import REPO_ROOT, repo_path
 from utils.errors import run_main
 from utils.metrics import heldout_metrics
@@ -99,11 +100,14 @@ def git_commit() -> str:
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
+    locked = locked_versions()
     for name in LIBRARIES:
         try:
-            versions[name] = metadata.version(name)
+            version = metadata.version(name)
         except metadata.PackageNotFoundError:
-            pass
+            continue
+        tested = locked.get(normalise(name))
+        versions[name] = version if tested in (None, version) else f"{version} (locked: {tested})"
     return versions
 
 

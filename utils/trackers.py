@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.compat import require
 from utils.errors import ConfigError
 
 PROJECT = "mini_qwen"
@@ -79,5 +80,7 @@ def _use_swanlabs_own_callback() -> None:
     """A Trainer, when created, takes the callback class of each `report_to` name from this transformers table."""
     from swanlab.integration.transformers import SwanLabCallback
     from transformers.integrations import integration_utils
+
+    require("swanlab_callback_table")  # transformers-internal: probed (utils.compat)
 
     integration_utils.INTEGRATION_TO_CALLBACK["swanlab"] = SwanLabCallback
