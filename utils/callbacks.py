@@ -40,6 +40,34 @@ class LossPlotCallback(TrainerCallback):
         self._plot(args, state)
 
 
+class PrecisionCallback(TrainerCallback):
+    """Logs, once, after the first optimizer step, the dtypes the run really holds: the module's weights, the master
+    weights the optimizer updates, and the optimizer's moments. Read then, not at launch: DeepSpeed casts the module
+    to bf16 when it builds its engine inside train(), and optimizers create their moments at the first step."""
+
+    def __init__(self):
+        self.logged = False
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.logged or model is None or optimizer is None:
+            return
+        self.logged = True
+        param = next(p for p in model.parameters() if p.requires_grad)
+        if args.deepspeed_plugin is not None:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            # Collectives: every rank calls them; the gather is of one parameter.
+            master = safe_get_full_fp32_param(param)
+            moment = safe_get_full_optimizer_state(param, "exp_avg")
+        else:
+            master, moment = param, optimizer.state.get(param, {}).get("exp_avg")
+        def name(tensor):
+            return str(tensor.dtype).replace("torch.", "") if tensor is not None else "none"
+        if state.is_world_process_zero:
+            logger.info("precision held: module weights %s, master weights %s, optimizer moments %s",
+                        name(param), name(master), name(moment))
+
+
 class SigtermCallback(TrainerCallback):
     """On SIGTERM (a scheduler's pre-emption, `kill`, a launcher passing it on), finish the current step, save a
     checkpoint, then stop.

@@ -95,11 +95,12 @@ def require(name: str) -> None:
 
 
 def unlocked_versions(packages: tuple[str, ...]) -> list[str]:
-    """'name found (locked: tested)' for each of `packages` installed at another version than the lock's."""
+    """'name found (locked: tested)' for each of `packages` installed at another version than the lock's (torch's
+    local build tag aside: the lock has no torch)."""
     locked = locked_versions()
     moved = []
     for package in packages:
         found, tested = installed_version(package), locked.get(normalise(package))
-        if tested and found != tested:
+        if tested and found not in (tested, "not installed"):  # optional ones (flash-attn) may be absent
             moved.append(f"{package} {found} (locked: {tested})")
     return moved

@@ -4,8 +4,8 @@ import json
 import logging
 from pathlib import Path
 
-from utils.callbacks import (AnomalyGuard, CheckpointCompleteCallback, LossPlotCallback, SigtermCallback,
-                             ThroughputCallback)
+from utils.callbacks import (AnomalyGuard, CheckpointCompleteCallback, LossPlotCallback, PrecisionCallback,
+                             SigtermCallback, ThroughputCallback)
 from utils.checkpoint import check_resumable, resolve_resume, save_final_model
 from utils.crash_safety import CrashSafetyArguments
 from utils.report import write_stage_report
@@ -17,7 +17,7 @@ logger = logging.getLogger("mini_qwen")
 def stage_callbacks(crash_args: CrashSafetyArguments, plot_keys=("loss", "grad_norm", "learning_rate"),
                     throughput_args: ThroughputArguments | None = None):
     return [CheckpointCompleteCallback(), LossPlotCallback(plot_keys), SigtermCallback(), AnomalyGuard(crash_args),
-            ThroughputCallback((throughput_args or ThroughputArguments()).peak_tflops)]
+            ThroughputCallback((throughput_args or ThroughputArguments()).peak_tflops), PrecisionCallback()]
 
 
 def _callback(trainer, kind):
@@ -33,7 +33,10 @@ def before_training(trainer) -> str | None:
                                           "no autocast")
     if trainer.is_deepspeed_enabled:
         zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
-        logger.info("launch: DeepSpeed ZeRO-%d on %d process(es), %s", zero_stage, args.world_size, precision)
+        mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        # The dtypes DeepSpeed really holds are logged after the first step (PrecisionCallback): it casts later.
+        logger.info("launch: DeepSpeed ZeRO-%d on %d process(es), %s (DeepSpeed keeps the module in %s, an fp32 "
+                    "master in the optimizer, and saves the master)", zero_stage, args.world_size, mixed, mixed)
     else:
         optimizer, _ = trainer.optimizer_cls_and_kwargs or trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
         logger.info("launch: %d process(es), no DeepSpeed, %s, optimizer %s", args.world_size, precision,
