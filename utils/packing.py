@@ -199,8 +199,9 @@ def pretraining_preparation(files: list[str], tokenizer, block_size: int, mode: 
 
 class PretrainCollator:
     """Batches of packing samples. `none`: right-padded, padding masked out of attention and loss. `document`:
-    attention kept inside each document (flash-attention varlen reads position_ids; other backends get the 4D
-    block-diagonal mask), and no document's first token is predicted from the previous document."""
+    attention kept inside each document (flash-attention varlen gets the documents' boundaries as cu_seq_lens; other
+    backends get the 4D block-diagonal mask), and no document's first token is predicted from the previous document.
+    """
 
     def __init__(self, pad_token_id: int, attn_implementation: str):
         self.pad_token_id = pad_token_id
@@ -220,7 +221,16 @@ class PretrainCollator:
             position_ids = torch.tensor([s["position_ids"] for s in samples], dtype=torch.long)
             labels[:, 1:][position_ids[:, 1:] == 0] = -100
             batch["position_ids"] = position_ids
-            if not self.varlen_attention:
+            if self.varlen_attention:
+                # transformers infers packing from position_ids only for a batch of one row (_is_packed_sequence);
+                # with more rows each row would attend across its documents. Boundaries over the flattened batch
+                # (every row starts a document, so row edges are among them) take its varlen path at any batch size,
+                # as TRL's padding-free batches do; max_length an int, as flash-attn's kernel wants.
+                starts = (position_ids.flatten() == 0).nonzero().flatten()
+                cu_seq_lens = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
+                batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens
+                batch["max_length_q"] = batch["max_length_k"] = int(cu_seq_lens.diff().max())
+            else:
                 batch["attention_mask"] = document_attention_mask(position_ids, self.mask_dtype)
         elif not bool(attention_mask.all()):
             batch["attention_mask"] = attention_mask
