@@ -144,7 +144,7 @@ def test_tiny_pt_run_logs_throughput_everywhere_and_writes_its_report(tmp_path, 
     flags = ["--config", str(REPO / "configs" / "demo_pt.yaml"), *cpu_flags(out, tmp_path / "cache"),
              "--data_files", str(REPO / "mini_data" / "pt"), "--max_steps", "6", "--logging_steps", "2",
              "--block_size", "64", "--per_device_train_batch_size", "2", "--save_strategy", "no",
-             "--report_to", "tensorboard"]
+             "--report_to", "tensorboard", "--include_num_input_tokens_seen", "true"]  # the Trainer's count too
     monkeypatch.setattr(sys, "argv", ["mini_qwen_pt.py", *flags])
     started = time.perf_counter()
     main(flags)

@@ -119,10 +119,16 @@ def parse_stage_args(script_arguments, trainer_config, argv: list[str] | None = 
     trainer's config)."""
     from utils.crash_safety import CrashSafetyArguments
     from utils.lora import LoraArguments
+    from utils.memory_plan import MemoryPlanArguments, plan_or_check
     from utils.trackers import TrackerArguments
 
-    return parse_config((script_arguments, LoraArguments, CrashSafetyArguments, TrackerArguments, trainer_config),
-                        argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--memory_plan" in argv and not torch.cuda.is_available():
+        argv += ["--use_cpu", "true"]  # a plan needs no GPU; TrainingArguments would refuse bf16 without one
+    *parsed, plan_args = parse_config((script_arguments, LoraArguments, CrashSafetyArguments, TrackerArguments,
+                                       trainer_config, MemoryPlanArguments), argv)
+    plan_or_check(plan_args, parsed[0], parsed[-1])
+    return tuple(parsed)
 
 
 def start_run(training_args, tracker_args) -> logging.Logger:

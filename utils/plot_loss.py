@@ -34,8 +34,12 @@ def series(log_history: list[dict], key: str, x: str = "step") -> tuple[list[flo
     for entry in log_history:
         if key in entry and x in ("step", "epoch") and x in entry:
             xs.append(entry[x]), ys.append(entry[key])
-        elif key in entry and x == "tokens" and "num_input_tokens_seen" in entry:
-            xs.append(entry["num_input_tokens_seen"]), ys.append(entry[key])
+        elif key in entry and x == "tokens":
+            # tokens_seen: the stages' own count (utils.throughput); num_input_tokens_seen: the Trainer's, in older
+            # runs and the original's logs
+            seen = entry.get("tokens_seen", entry.get("num_input_tokens_seen"))
+            if seen is not None:
+                xs.append(seen), ys.append(entry[key])
     return xs, ys
 
 
