@@ -1,11 +1,13 @@
 """`python -m utils.serve` answers the official `openai` client on loopback: chat (whole and streamed) from an SFT
-checkpoint, a completion from a PT checkpoint, and 401 without the key; its chat page answers in a real browser."""
+checkpoint, a completion from a PT checkpoint, and 401 without the key; its chat page answers in a real browser.
+Under load and bad requests it answers 429 / 400 / 404 in OpenAI's error shape, and keeps serving."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, skip_without
+from utils import serve
+from utils.errors import ConfigError
 
 openai = pytest.importorskip("openai")
 
@@ -24,12 +28,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(checkpoint, key: str, log_file: Path) -> tuple[subprocess.Popen, str]:
+def start(checkpoint, key: str, log_file: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     """The server's output goes to a file: a pipe nobody reads would block it once full."""
     port = free_port()
     with log_file.open("w") as log:
         server = subprocess.Popen([sys.executable, "-m", "utils.serve", "--model_path", str(checkpoint), "--port",
-                                   str(port), "--api_key", key, "--device", "cpu"], cwd=REPO, stdout=log,
+                                   str(port), "--api_key", key, "--device", "cpu", *flags], cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT)
     return server, f"http://127.0.0.1:{port}"
 
@@ -54,15 +58,23 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 @pytest.fixture(scope="module")
-def servers(pt_checkpoint, sft_checkpoint, tmp_path_factory):
+def serve_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve")
+
+
+SFT_MAX_QUEUE = 2  # small enough that 16 requests at once overflow it
+
+
+@pytest.fixture(scope="module")
+def servers(pt_checkpoint, sft_checkpoint, serve_logs):
     """One SFT and one PT server for the module (each start loads torch and the model: ~30 s on 2 cores)."""
-    logs = tmp_path_factory.mktemp("serve")
-    started = {name: start(checkpoint, f"{name}-key", logs / f"{name}.log")  # both start at once
-               for name, checkpoint in (("sft", sft_checkpoint), ("pt", pt_checkpoint))}
+    started = {name: start(checkpoint, f"{name}-key", serve_logs / f"{name}.log", *flags)  # both start at once
+               for name, checkpoint, flags in (("sft", sft_checkpoint, ["--max_queue", str(SFT_MAX_QUEUE)]),
+                                               ("pt", pt_checkpoint, []))}
     try:
         deadline = time.monotonic() + 240
         for name, (server, url) in started.items():
-            wait_until_up(server, url, logs / f"{name}.log", deadline)
+            wait_until_up(server, url, serve_logs / f"{name}.log", deadline)
         yield {name: url for name, (_, url) in started.items()}
     finally:
         for server, _ in started.values():
@@ -153,3 +165,112 @@ def test_chat_page_streams_an_answer_in_a_browser(servers, sft_checkpoint, tmp_p
         browser.close()
     assert (tmp_path / "chat_page.png").stat().st_size > 10_000
     assert answered == [200, 200]  # one streamed request per turn, each with the whole history
+
+
+def call(url: str, path: str, body, key: str) -> tuple[int, dict]:
+    """POST a body (a dict as JSON, or raw bytes) and return the status and the JSON answer, error or not."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}{path}", data, {"Content-Type": "application/json",
+                                                            "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as refusal:
+        return refusal.code, json.loads(refusal.read())
+
+
+def openai_error(answer: dict) -> dict:
+    assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    return answer["error"]
+
+
+def test_load_and_bad_requests_get_openai_errors(servers, serve_logs, pt_checkpoint, sft_checkpoint):
+    from transformers import AutoTokenizer
+
+    sft, pt = servers["sft"], servers["pt"]
+    hello = [{"role": "user", "content": "你好"}]
+    chat = lambda body: call(sft, "/v1/chat/completions", body, "sft-key")  # noqa: E731
+    complete = lambda body: call(pt, "/v1/completions", body, "pt-key")  # noqa: E731
+
+    # 16 at once: one generation runs at a time and at most SFT_MAX_QUEUE wait or run; the rest get 429 at once
+    answers, ready = [], threading.Barrier(16)
+
+    def ask():
+        ready.wait()
+        answers.append(chat({"messages": hello, "max_tokens": 4}))
+
+    askers = [threading.Thread(target=ask) for _ in range(16)]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join()
+    statuses = sorted(status for status, _ in answers)
+    assert set(statuses) == {200, 429}, statuses  # several served, the overflow refused
+    for status, answer in answers:
+        if status == 200:
+            assert answer["choices"][0]["message"]["content"] is not None and answer["usage"]["completion_tokens"]
+        else:
+            assert openai_error(answer)["type"] == "rate_limit_exceeded"
+
+    bad_chats = [(b'{"messages": [', None), ({}, "messages"), ({"messages": []}, "messages"),
+                 ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+                 ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content"),
+                 ({"messages": hello, "temperature": 2.5}, "temperature"),
+                 ({"messages": hello, "temperature": -0.1}, "temperature"),
+                 ({"messages": hello, "top_p": 0}, "top_p"), ({"messages": hello, "top_p": 1.5}, "top_p"),
+                 ({"messages": hello, "n": 2}, "n"), ({"messages": hello, "max_tokens": 0}, "max_tokens")]
+    for body, param in bad_chats:
+        status, answer = chat(body)
+        error = openai_error(answer)
+        assert (status, error["type"], error["param"]) == (400, "invalid_request_error", param), (body, answer)
+    assert "n=1" in chat({"messages": hello, "n": 2})[1]["error"]["message"]
+    for body in ({}, {"prompt": ""}, {"prompt": 5}):
+        status, answer = complete(body)
+        assert (status, openai_error(answer)["param"]) == (400, "prompt"), (body, answer)
+    status, answer = chat({"model": "gpt-4", "messages": hello})
+    assert (status, openai_error(answer)["code"]) == (404, "model_not_found")
+    assert chat({"model": str(sft_checkpoint), "messages": hello, "max_tokens": 2})[0] == 200  # the served id
+
+    context = json.loads((pt_checkpoint / "config.json").read_text())["max_position_embeddings"]
+    tokenizer = AutoTokenizer.from_pretrained(pt_checkpoint)
+    prompt = "长城" * (context - 4)  # one token each: 4 tokens of room left
+    prompt_tokens = len(tokenizer(prompt)["input_ids"])
+    assert context - 8 < prompt_tokens < context
+    status, answer = complete({"prompt": prompt, "max_tokens": 1_000_000_000, "temperature": 0})
+    assert status == 200 and answer["usage"]["prompt_tokens"] == prompt_tokens, answer
+    assert 0 < answer["usage"]["completion_tokens"] <= context - prompt_tokens  # capped to the context left
+
+    too_long = "长城" * 150_000  # 300,000 characters
+    status, answer = complete({"prompt": too_long})
+    error = openai_error(answer)
+    assert (status, error["param"]) == (400, "prompt")
+    assert str(len(tokenizer(too_long)["input_ids"])) in error["message"] and str(context) in error["message"]
+    status, answer = chat({"messages": [{"role": "user", "content": too_long}]})
+    error = openai_error(answer)
+    assert (status, error["param"]) == (400, "messages")
+    assert str(len(sft_tokenizer_ids(sft_checkpoint, [{"role": "user", "content": too_long}]))) in error["message"]
+
+    status, answer = chat({"messages": hello, "max_tokens": 3, "temperature": 0})  # still serving
+    assert status == 200 and 0 < answer["usage"]["completion_tokens"] <= 3
+    assert complete({"prompt": "长城是", "max_tokens": 3})[0] == 200
+    for log in ("sft.log", "pt.log"):
+        assert "Traceback" not in (serve_logs / log).read_text()
+
+
+def test_refuses_a_public_address_without_a_key(pt_checkpoint, monkeypatch):
+    """Before it loads anything: whoever reaches 0.0.0.0 would use the machine for free."""
+    class Loading(Exception):
+        pass
+
+    def load(*args):
+        raise Loading
+
+    monkeypatch.setattr(serve, "Generator", load)
+    monkeypatch.delenv("MINI_QWEN_API_KEY", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # main sets it; this way it is undone after the test
+    public = ["--model_path", str(pt_checkpoint), "--host", "0.0.0.0"]
+    with pytest.raises(ConfigError, match="--api_key"):
+        serve.main(public)
+    for allowed in (public + ["--api_key", "k"], public + ["--allow_no_key"], public + ["--host", "::1"]):
+        with pytest.raises(Loading):  # got as far as loading the model
+            serve.main(allowed)
