@@ -161,7 +161,8 @@ def sft_samples(tokenizer) -> list[dict]:
 
 def test_sft_packed_padding_free_samples_equal_each_sample_alone(tokenizer, backend):
     """TRL's packing (best-fit decreasing) into rows of several samples, batched by TRL's padding-free collator
-    (one flat row plus cu_seq_lens) and the stage's DocumentMaskCollator (the 4D mask for sdpa and eager)."""
+    (one flat row plus cu_seq_lens) through the stage's DocumentMaskCollator (a row per packed row, each with its
+    block-diagonal mask, for sdpa and eager)."""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -175,16 +176,23 @@ def test_sft_packed_padding_free_samples_equal_each_sample_alone(tokenizer, back
     collator = DocumentMaskCollator(DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=True),
                                     attention)
     batch = collator(packed)
+    # flash-attention: one flat row (TRL's cu_seq_lens); sdpa and eager: a row per packed row, each with its own mask
+    assert batch["input_ids"].shape[0] == (1 if attention == "flash_attention_2" else len(packed))
     with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits[0]
+        logits = model(**batch, use_cache=False).logits
     by_ids = {tuple(s["input_ids"]): s for s in samples}
-    pieces = segments(batch["position_ids"][0])
-    assert len(pieces) == sum(len(row["seq_lengths"]) for row in packed)
-    for start, end in pieces:
-        ids = batch["input_ids"][0, start:end].tolist()
-        assert tuple(ids) in by_ids  # whole samples, none cut
-        torch.testing.assert_close(logits[start:end], alone(model, ids), atol=1e-4, rtol=1e-4)
-        assert batch["labels"][0, start] == -100
+    found = 0
+    for row in range(batch["input_ids"].shape[0]):
+        for start, end in segments(batch["position_ids"][row]):
+            ids = batch["input_ids"][row, start:end].tolist()
+            if ids == [tokenizer.pad_token_id]:  # the end of a shorter packed row: padding, untrained
+                assert batch["labels"][row, start] == -100
+                continue
+            assert tuple(ids) in by_ids  # whole samples, none cut
+            torch.testing.assert_close(logits[row, start:end], alone(model, ids), atol=1e-4, rtol=1e-4)
+            assert batch["labels"][row, start] == -100
+            found += 1
+    assert found == sum(len(row["seq_lengths"]) for row in packed)
     assert_kernel_used(calls, "flash_attn_varlen_func")
 
 

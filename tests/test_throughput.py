@@ -119,10 +119,14 @@ def test_real_tokens_of_each_stages_batches(tokenizer):
     padded = DataCollatorForLanguageModeling(pad)(examples)
     assert padded["input_ids"].numel() == 10
     assert [int(n) for n in batch_token_counts(padded)] == [8, 9 + 25]
-    # SFT padding-free on sdpa: one row, and the 4D mask whose sum the Trainer's own counter would take
-    flat = DocumentMaskCollator(DataCollatorForLanguageModeling(pad, padding_free=True), "sdpa")(examples)
-    assert flat["attention_mask"].dim() == 4 and int(flat["attention_mask"].sum()) == 6 + 15
+    # SFT padding-free: one flat row for flash-attention; on sdpa an ordinary padded batch; the same count
+    collator = DataCollatorForLanguageModeling(pad, padding_free=True)
+    flat = DocumentMaskCollator(collator, "flash_attention_2")(examples)
+    assert flat["input_ids"].shape == (1, 8) and "attention_mask" not in flat
     assert [int(n) for n in batch_token_counts(flat)] == [8, 9 + 25]
+    rows = DocumentMaskCollator(collator, "sdpa")(examples)
+    assert rows["input_ids"].shape == (2, 5) and rows["attention_mask"].dim() == 2
+    assert [int(n) for n in batch_token_counts(rows)] == [8, 9 + 25]
     # PT: concat blocks are all tokens; document blocks by their documents; `none` without its padding
     eos = tokenizer.eos_token_id
     docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]]

@@ -11,6 +11,7 @@
 PackingStats adds up what went in and what came out: tokens_in == tokens_kept + tokens_dropped.
 """
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -238,17 +239,29 @@ class PretrainCollator:
 
 
 class DocumentMaskCollator:
-    """Wraps a padding-free / packing collator (TRL's) whose rows hold several samples told apart only by
-    position_ids. flash-attention varlen isolates them from position_ids; sdpa and eager attention do not (a packed
-    sample's logits then differ from the same sample alone), so for those backends this adds the 4D mask."""
+    """Wraps TRL's SFT collator, which for `packing` / `padding_free` flattens the whole micro-batch into one row of
+    samples told apart by position_ids. flash-attention varlen isolates them from TRL's cu_seq_lens. sdpa and eager
+    would need a mask over that flat row: (micro-batch x max_length)^2, 151 MB for 12 x 1024, built every
+    micro-batch, at twice the attention FLOPs of separate rows. So for those backends the batch is made a row per
+    packed row instead (TRL's own collator with padding_free off): padding-free conversations become an ordinary
+    padded batch with its 2D mask, and packed rows get a block-diagonal mask per row, (micro-batch, 1, L, L). The
+    few padding positions at the end of a short packed row are documents of their own (position 0), never attended
+    to by the samples, and untrained."""
 
     def __init__(self, collator, attn_implementation: str):
         self.collator = collator
         self.attn_implementation = attn_implementation
+        self.per_row = dataclasses.replace(collator, padding_free=False)
 
     def __call__(self, examples):
-        batch = self.collator(examples)
-        if self.attn_implementation != "flash_attention_2" and "position_ids" in batch:
+        if self.attn_implementation == "flash_attention_2":
+            return self.collator(examples)
+        packed = "seq_lengths" in examples[0]
+        self.per_row.return_position_ids = packed
+        batch = self.per_row(examples)
+        if packed:
+            position_ids = batch["position_ids"]
+            batch["labels"][position_ids == 0] = -100  # no sample's first token is predicted from the one before
             dtype = torch.bool if self.attn_implementation == "sdpa" else torch.float32
-            batch["attention_mask"] = document_attention_mask(batch["position_ids"], dtype)
+            batch["attention_mask"] = document_attention_mask(position_ids, dtype)
         return batch
