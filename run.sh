@@ -8,6 +8,8 @@
 #   bash run.sh eval [mini_qwen_eval.py flags]
 #   bash run.sh ablation [utils/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
 #   bash run.sh bench [--tiny]                every GPU figure of docs/BENCHMARKS.md, one table (--tiny: CPU, tiny model)
+#   bash run.sh gpu-check                     the first thing to run on a GPU: FA2 packing, ZeRO-2's fp32 save, memory
+#                                             plan vs measured peak, tokens/s and MFU (utils/gpu_check.py, one table)
 #   bash run.sh serve --model_path DIR [--port 8000] [--host H] [--api_key K]   OpenAI-compatible API on 127.0.0.1
 #                                             and a chat page at http://127.0.0.1:8000/chat
 #   bash run.sh export DIR OUT.gguf [--outtype f16|bf16|q8_0|f32]   GGUF for llama.cpp / ollama (+ OUT.Modelfile)
@@ -22,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 [[ $# -ge 1 ]] || usage 1
 command=$1
@@ -101,6 +103,7 @@ case $command in
   eval) target="python mini_qwen_eval.py" ;;
   ablation) target="python -m utils.ablation" ;;
   bench) target="python -m utils.benchmark suite" ;;
+  gpu-check) target="python -m utils.gpu_check" ;;
   serve) target="python -m utils.serve" ;;
   export) target="python -m utils.export_gguf" ;;
   -h|--help) usage 0 ;;

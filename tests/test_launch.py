@@ -30,3 +30,18 @@ def test_run_sh_lean_pretrains_with_the_lean_recipe(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "weights_dtype bfloat16 with optim" in result.stderr and "would round small updates away" in result.stderr
+
+
+def test_gpu_check_rows_parse_as_the_stages_read_them(tmp_path):
+    """run.sh gpu-check needs a GPU; its stage commands' flags are checked here through each PT row's memory plan,
+    which parses every flag the training row passes and builds no model."""
+    from utils.gpu_check import command_rows
+
+    rows = dict(command_rows(tmp_path))
+    assert {"fa2 packing", "dpo zero2 bf16, 5 steps", "pt single", "pt zero2 liger"} <= set(rows)
+    for launcher in ("single", "zero2"):
+        result = subprocess.run(rows[f"pt {launcher} plan"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"{launcher} on 1 x H100" in result.stdout and "| **total** |" in result.stdout
+    listed = subprocess.run(["bash", str(REPO / "run.sh"), "gpu-check", "--dry_run"], capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.count("\n") == len(rows)
