@@ -51,8 +51,8 @@ from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare
                            tokenizer_fingerprint)
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_stage_tokenizer
-from utils.training import (before_training, save_and_report, stage_callbacks, stop_if_interrupted,
-                            write_data_report)
+from utils.training import (before_training, load_if_finished, save_and_report, stage_callbacks,
+                            stop_if_interrupted, write_data_report)
 
 
 # --method: TRL's trainer and config for each; all but dpo tokenize the normalised conversations themselves.
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None):
     )
     checkpoint = before_training(trainer)
     before = trainer.evaluate() if eval_dataset is not None and not checkpoint else None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if not load_if_finished(trainer, checkpoint):
+        trainer.train(resume_from_checkpoint=checkpoint)
     stop_if_interrupted(trainer, method)
     if eval_dataset is not None:
         after = trainer.evaluate()

@@ -37,8 +37,8 @@ from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare
 from utils.rewards import resolve_reward_funcs
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_stage_tokenizer
-from utils.training import (before_training, save_and_report, stage_callbacks, stop_if_interrupted,
-                            write_data_report)
+from utils.training import (before_training, load_if_finished, save_and_report, stage_callbacks,
+                            stop_if_interrupted, write_data_report)
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None):
                                     script_args):
         trainer.add_callback(callback)
     checkpoint = before_training(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if not load_if_finished(trainer, checkpoint):
+        trainer.train(resume_from_checkpoint=checkpoint)
     stop_if_interrupted(trainer, "grpo")
     save_and_report(trainer, tokenizer, "grpo")
 

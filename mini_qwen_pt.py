@@ -36,8 +36,8 @@ from utils.lora import apply_lora
 from utils.prepare import DataArguments, code_fingerprint, prepare_or_load, tokenizer_fingerprint
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_tokenizer
-from utils.training import (before_training, save_and_report, stage_callbacks, stop_if_interrupted,
-                            write_data_report)
+from utils.training import (before_training, load_if_finished, save_and_report, stage_callbacks,
+                            stop_if_interrupted, write_data_report)
 
 
 @dataclass
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None):
         optimizer_cls_and_kwargs=stochastic_rounding_adamw(training_args) if script_args.stochastic_rounding else None,
     )
     checkpoint = before_training(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if not load_if_finished(trainer, checkpoint):
+        trainer.train(resume_from_checkpoint=checkpoint)
     stop_if_interrupted(trainer, "pt")
     save_and_report(trainer, tokenizer, "pt")
 

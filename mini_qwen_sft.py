@@ -43,8 +43,8 @@ from utils.prepare import (DataArguments, Preparation, UnitStats, code_fingerpri
                            tokenizer_fingerprint)
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_stage_tokenizer
-from utils.training import (before_training, save_and_report, stage_callbacks, stop_if_interrupted,
-                            write_data_report)
+from utils.training import (before_training, load_if_finished, save_and_report, stage_callbacks,
+                            stop_if_interrupted, write_data_report)
 
 
 @dataclass
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None):
     if training_args.packing or training_args.padding_free:
         trainer.data_collator = DocumentMaskCollator(trainer.data_collator, model.config._attn_implementation)
     checkpoint = before_training(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if not load_if_finished(trainer, checkpoint):
+        trainer.train(resume_from_checkpoint=checkpoint)
     stop_if_interrupted(trainer, "sft")
     save_and_report(trainer, tokenizer, "sft")
 

@@ -16,6 +16,7 @@ from utils.prepare import UnitStats
 # How each internal disappears in a release that moved it: (module, attribute to delete).
 REMOVED = {"dpo_prepare_dataset": ("trl", "DPOTrainer._prepare_dataset"),
            "trl_fused_head_switch": ("trl.trainer.utils", "_use_triton"),
+           "trainer_load_from_checkpoint": ("transformers", "Trainer._load_from_checkpoint"),
            "swanlab_callback_table": ("transformers.integrations.integration_utils", "INTEGRATION_TO_CALLBACK")}
 
 

@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from utils.checkpoint import COMPLETE_MARKER, batch_geometry, complete_checkpoints
+from utils.checkpoint import COMPLETE_MARKER, batch_geometry, checkpoint_files, complete_checkpoints
 from utils.crash_safety import CrashSafetyArguments, global_batch
 from utils.plot_loss import plot_runs
 from utils.throughput import batch_token_counts, flops_per_token, human_count, human_duration, peak_flops
@@ -103,14 +103,23 @@ class SigtermCallback(TrainerCallback):
 class CheckpointCompleteCallback(TrainerCallback):
     """Marks a checkpoint folder complete once the Trainer has written all of it (weights, optimizer, scheduler,
     RNG state, trainer_state.json). A crash while saving leaves no marker, so `auto` resume skips that folder.
-    The marker records the batch geometry, which a resume checks (check_resumable)."""
+    The marker records the batch geometry, which a resume checks (check_resumable), and every file's size and
+    hash, which a resume verifies (utils.checkpoint.checkpoint_problem).
+
+    Each rank writes its own files (rng_state_<rank>.pth, its ZeRO partition) and the Trainer does not wait for
+    the others before this call: all ranks meet in a barrier first, so the list rank 0 makes holds every rank's
+    files. The marker is written under another name and renamed, so it is never seen half-written."""
 
     def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                marker = {"step": state.global_step, **batch_geometry(args)}
-                (folder / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+                marker = {"step": state.global_step, **batch_geometry(args), "files": checkpoint_files(folder)}
+                partial = folder / f"{COMPLETE_MARKER}.partial"
+                partial.write_text(json.dumps(marker, indent=1) + "\n")
+                partial.replace(folder / COMPLETE_MARKER)
 
 
 class AnomalyGuard(TrainerCallback):
@@ -220,7 +229,8 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         self.tokens_seen += tokens
         throughput = {"tokens_per_second": round(tokens / seconds, 1),
                       "tokens_per_second_per_device": round(tokens / seconds / args.world_size, 1),
-                      "eta_seconds": round((state.max_steps - state.global_step) * seconds / steps),
+                      # never negative, even at a step past max_steps
+                      "eta_seconds": round(max(state.max_steps - state.global_step, 0) * seconds / steps),
                       "tokens_seen": self.tokens_seen}
         if self.peak and tokens:
             flops = flops_per_token(self.config, self.parameters, squared_lengths / tokens, self.reference_forward)

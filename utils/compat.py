@@ -1,7 +1,7 @@
 """The library internals this repo relies on, each with a start-up probe, and the locked versions they were tested
 with (constraints.txt).
 
-Every other call into transformers, TRL, accelerate and DeepSpeed goes through their public API. These three reach
+Every other call into transformers, TRL, accelerate and DeepSpeed goes through their public API. These four reach
 inside, each for a reason given where it is used; a release may move them without notice, so the code that uses one
 calls `require(NAME)` first. On a version without it the run stops with one line naming the package, the version
 found and the version tested, never a deep traceback and never a silent change of behaviour:
@@ -10,6 +10,8 @@ found and the version tested, never a deep traceback and never a silent change o
   tokenize again what utils.prepare already tokenized (tests/test_compat.py proves both give the same rows);
 - `trl_fused_head_switch`: `trl.trainer.utils._use_triton`, the switch utils.modeling flips so that a CPU run scores
   only the labelled positions;
+- `trainer_load_from_checkpoint`: `Trainer._load_from_checkpoint`, with which utils.training loads the weights of a
+  finished run's checkpoint (resumed at its last step: nothing to train, the final model still to write);
 - `swanlab_callback_table`: `transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK`, where
   utils.trackers puts swanlab's own callback.
 """
@@ -63,6 +65,13 @@ def _trl_fused_head_switch() -> bool:
     return callable(getattr(trl_utils, "_use_triton", None))
 
 
+def _trainer_load_from_checkpoint() -> bool:
+    from transformers import Trainer
+
+    method = getattr(Trainer, "_load_from_checkpoint", None)
+    return method is not None and list(inspect.signature(method).parameters)[:2] == ["self", "resume_from_checkpoint"]
+
+
 def _swanlab_callback_table() -> bool:
     from transformers.integrations import integration_utils
 
@@ -76,6 +85,9 @@ INTERNALS: dict[str, tuple[str, str, str, Callable[[], bool]]] = {
     "trl_fused_head_switch": ("trl", "trl.trainer.utils._use_triton",
                               "utils.modeling scores only labelled positions on a CPU with it",
                               _trl_fused_head_switch),
+    "trainer_load_from_checkpoint": ("transformers", "Trainer._load_from_checkpoint(self, resume_from_checkpoint)",
+                                     "utils.training loads a finished run's checkpoint without training with it",
+                                     _trainer_load_from_checkpoint),
     "swanlab_callback_table": ("transformers", "integration_utils.INTEGRATION_TO_CALLBACK",
                                "utils.trackers installs swanlab's own callback in it", _swanlab_callback_table),
 }

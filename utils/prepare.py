@@ -17,18 +17,23 @@ builds it. Nothing therefore runs while the other ranks wait in a collective, wh
 after `ddp_timeout` (a 16B-token corpus takes hours to prepare).
 """
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +42,7 @@ from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 
 from utils.data import DataError, SkipCounter, WorkUnit, iter_normalized, plan_units
+from utils.errors import ConfigError
 
 logger = logging.getLogger("mini_qwen")
 
@@ -44,6 +50,10 @@ logger = logging.getLogger("mini_qwen")
 # other code is never reused. (The stage script that shapes the rows is added by each stage.)
 ROW_BUILDING_MODULES = ("utils/data.py", "utils/prepare.py", "utils/packing.py", "utils/chat.py", "utils/tokenizer.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Disk a preparation needs, as a multiple of its input files' size. A token is ~4.7 bytes of JSON lines text and takes
+# 4 as int32: the cache is 0.85x mini_data's PT text as jsonl, 0.6x as its compressed parquet (0.8x for SFT, ids and
+# labels); while it is written, the workers' unit shards (the same tokens) may all exist at once.
+SPACE_FACTOR = 2.0
 
 
 @dataclass
@@ -282,34 +292,132 @@ def prepare_or_load(preparation: Preparation, cache_dir: str, workers: int | Non
                     min_kept_fraction: float = 0.5) -> tuple[Dataset, dict]:
     """The cached dataset for `preparation.key`, building it first (with `workers` processes, default every core)
     when this is a single process. Several ranks never build: they stop with the command that does (see the module
-    docstring). Either way a dataset with too few usable records stops here (check_kept_fraction)."""
+    docstring). Either way a dataset with too few usable records stops here (check_kept_fraction).
+
+    One preparer per key at a time (preparer_lock): a second one waits for the first and reuses its result. Before
+    building, the partial folders of this key that dead preparers left are removed, and the disk must have room."""
     cache_root = Path(cache_dir)
     final = cache_root / f"{preparation.name}-{cache_key(preparation.key)}"
     if (final / "report.json").exists():
-        logger.info("[cache] reusing prepared %s data from %s (no tokenization needed)", preparation.name, final)
-        report = json.loads((final / "report.json").read_text())
-        check_kept_fraction(preparation, report, min_kept_fraction)
-        return Dataset.from_file(str(final / "data.arrow")), report
+        return _load(preparation, final, min_kept_fraction, "reusing prepared")
     if world_size > 1:
         raise PrepareFirstError(
             f"{final}: no prepared {preparation.name} data for this configuration, and a launch with {world_size} "
             f"processes does not prepare it (the other ranks would wait in a collective that times out). "
             f"Prepare it first, with every core, then launch again:\n  {prepare_command()}")
-    workers = workers or default_workers()
-    partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        report = build(preparation, partial, workers)
-    except BaseException:
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with preparer_lock(final.with_name(f"{final.name}.lock")):
+        if (final / "report.json").exists():  # the preparer we waited for built it
+            return _load(preparation, final, min_kept_fraction, "reusing just prepared")
+        remove_dead_partials(final)
+        check_free_space(preparation, cache_root)
+        # Named with its owner, so that remove_dead_partials knows whether it is still being written.
+        partial = final.with_name(f"{final.name}.partial-{os.getpid()}@{socket.gethostname()}")
         shutil.rmtree(partial, ignore_errors=True)
-        raise
-    (partial / "key.json").write_text(json.dumps(preparation.key, indent=2, default=str, ensure_ascii=False))
-    (partial / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    if final.exists():  # built meanwhile by another process with the same key: keep theirs
-        shutil.rmtree(partial, ignore_errors=True)
-    else:
-        partial.rename(final)
+        try:
+            report = build(preparation, partial, workers or default_workers())
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        (partial / "key.json").write_text(json.dumps(preparation.key, indent=2, default=str, ensure_ascii=False))
+        (partial / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        try:
+            partial.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Built meanwhile by a preparer the lock did not hold back (no flock, or another node): keep theirs.
+            shutil.rmtree(partial, ignore_errors=True)
     logger.info("[cache] prepared %s data written to %s", preparation.name, final)
+    return _load(preparation, final, min_kept_fraction)
+
+
+def _load(preparation: Preparation, final: Path, min_kept_fraction: float,
+          reuse: str | None = None) -> tuple[Dataset, dict]:
+    if reuse:
+        logger.info("[cache] %s %s data from %s (no tokenization needed)", reuse, preparation.name, final)
     report = json.loads((final / "report.json").read_text())
     check_kept_fraction(preparation, report, min_kept_fraction)
     return Dataset.from_file(str(final / "data.arrow")), report
+
+
+@contextmanager
+def preparer_lock(path: Path) -> Iterator[None]:
+    """An exclusive `flock` on `path` (<cache_dir>/<name>-<key>.lock) while the data for that key is prepared: a
+    second preparer of the same key (a second terminal, a job array) waits here, saying for whom (the holder writes
+    its pid and host into the file), instead of tokenizing the same data again. The kernel releases the lock when
+    its holder dies, however it dies; the file itself stays (removing it would let a third preparer lock a new file
+    while the second holds the old one).
+
+    A filesystem without flock support (NFS mounted without locking, some FUSE mounts) fails it with ENOLCK or
+    EOPNOTSUPP: preparation then goes on unlocked, with a warning. Two preparers of one key then both tokenize,
+    each into its own partial folder, and the later one keeps the earlier one's result."""
+    with open(path, "a+") as handle:
+        if _take_lock(handle, path):
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+        yield
+
+
+def _take_lock(handle, path: Path) -> bool:
+    """Lock `handle`, waiting for its holder if there is one; False where the filesystem has no flock."""
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            logger.info("[cache] waiting for %s, which is preparing the same data (lock %s)", holder, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        logger.warning("[cache] %s: this filesystem does not support flock (%s): preparing without the lock; a "
+                       "second preparer of the same data would repeat the work", path, err.strerror)
+        return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_partials(final: Path) -> None:
+    """Remove the partial folders of this key that a preparer left when it died (killed, out of memory): each is
+    named with its owner's pid and host, and is removed when that host is this one and the pid is gone. A partial
+    from another node (a shared cache_dir) may be in use by a process that no pid here says anything about, and
+    stays, as do partials named by pid alone (made before the names held the host)."""
+    host = socket.gethostname()
+    for folder in final.parent.glob(f"{final.name}.partial-*"):
+        owner = re.fullmatch(r"(\d+)@(.+)", folder.name.split(".partial-", 1)[1])
+        if not owner or owner[2] != host or _alive(int(owner[1])):
+            continue
+        freed = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("[cache] removed %s, left by pid %s which is gone: %s freed", folder, owner[1], _size(freed))
+
+
+def check_free_space(preparation: Preparation, cache_root: Path) -> None:
+    """Refuse to start a preparation that would fill the disk hours later (SPACE_FACTOR x the input size)."""
+    input_bytes = sum(os.path.getsize(path) for path in preparation.files if os.path.isfile(path))
+    needed, free = SPACE_FACTOR * input_bytes, shutil.disk_usage(cache_root).free
+    if needed > free:
+        raise ConfigError(
+            f"{cache_root}: {_size(free)} free, and preparing {len(preparation.files)} {preparation.name} file(s) of "
+            f"{_size(input_bytes)} needs about {_size(needed)} ({SPACE_FACTOR:g} x the input: "
+            "tokens as int32, plus the unit shards while they are merged). Free some space, or point --cache_dir "
+            "at a disk that has it")
+
+
+def _size(count: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count:.0f} bytes"

@@ -4,9 +4,12 @@ import json
 import logging
 from pathlib import Path
 
+from transformers.trainer_callback import TrainerState
+
 from utils.callbacks import (AnomalyGuard, CheckpointCompleteCallback, LossPlotCallback, PrecisionCallback,
                              SigtermCallback, ThroughputCallback)
 from utils.checkpoint import check_resumable, resolve_resume, save_final_model
+from utils.compat import require
 from utils.crash_safety import CrashSafetyArguments
 from utils.report import write_stage_report
 from utils.throughput import ThroughputArguments
@@ -26,7 +29,7 @@ def _callback(trainer, kind):
 
 def before_training(trainer) -> str | None:
     """Log how the run is launched and return the checkpoint `--resume_from_checkpoint` names (`auto`: the newest
-    complete one), after checking it can be resumed with this batch geometry."""
+    complete one that is intact), after checking it can be resumed with this batch geometry."""
     args = trainer.args
     weights = str(next(trainer.model.parameters()).dtype).replace("torch.", "")
     precision = f"{weights} weights, " + ("bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else
@@ -48,6 +51,45 @@ def before_training(trainer) -> str | None:
     if checkpoint:
         check_resumable(checkpoint, args, trainer.is_deepspeed_enabled)
     return checkpoint
+
+
+def load_if_finished(trainer, checkpoint: str | None) -> bool:
+    """True, with the checkpoint's weights and state loaded, when it is already at the run's last step: the stage
+    then trains nothing and only writes the final model and report. (The Trainer would train one more step whenever
+    that step does not end an epoch: it resumes the epoch's loop and checks max_steps only after a step; a 2-rank
+    run resumed at 10 of 10 logged step 11/10.)"""
+    if not checkpoint:
+        return False
+    state_file = Path(checkpoint) / "trainer_state.json"
+    done = json.loads(state_file.read_text())["global_step"] if state_file.is_file() else 0
+    if done < _last_step(trainer):
+        return False
+    logger.info("%s is at step %d, the last of this run: nothing to train; the final model and report are written "
+                "from it", checkpoint, done)
+    _load_finished(trainer, checkpoint)
+    return True
+
+
+def _last_step(trainer) -> int:
+    """The run's max_steps as the Trainer computes it (from the epochs and the data when max_steps is not set)."""
+    if trainer.args.max_steps > 0:
+        return trainer.args.max_steps
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
+def _load_finished(trainer, resume_from_checkpoint: str) -> None:
+    """What the final save needs from a finished run's checkpoint: the weights and the state (its log history goes
+    into the final trainer_state.json and the report)."""
+    trainer.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+    if trainer.is_deepspeed_enabled:
+        # The checkpoint's model.safetensors holds DeepSpeed's module (bf16 in a bf16 run); the final model is the
+        # fp32 master (save_final_model), which ZeRO's own tool rebuilds on the CPU from the optimizer state.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        trainer.model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(resume_from_checkpoint))
+    else:
+        require("trainer_load_from_checkpoint")  # Trainer-internal: probed (utils.compat)
+        trainer._load_from_checkpoint(resume_from_checkpoint)
 
 
 def stop_if_interrupted(trainer, stage: str) -> None:
