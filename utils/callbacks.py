@@ -198,9 +198,10 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         self.peak = self.peak_tflops * 1e12 if self.peak_tflops else (
             peak_flops(torch.cuda.get_device_name(args.device)) if self.on_gpu else None)
         self.distributed = args.world_size > 1 and torch.distributed.is_initialized()
-        # [tokens, sum of squared sequence lengths]: this rank's since the step began, all ranks' since the last log
-        self._step = torch.zeros(2, dtype=torch.int64, device=args.device)
-        self._window = torch.zeros(2, dtype=torch.int64, device=args.device)
+        # [tokens, sum of squared sequence lengths, positions the LM head projects]: this rank's since the step
+        # began, all ranks' since the last log
+        self._step = torch.zeros(3, dtype=torch.int64, device=args.device)
+        self._window = torch.zeros(3, dtype=torch.int64, device=args.device)
         self._window_start, self._window_step = time.perf_counter(), state.global_step
         if self.on_gpu:
             torch.cuda.reset_peak_memory_stats(args.device)
@@ -211,6 +212,9 @@ class ThroughputCallback(TrainerCallback, ExportableState):
             tokens, squared_lengths = batch_token_counts(kwargs)
             self._step[0] += tokens
             self._step[1] += squared_lengths
+            labels = kwargs.get("labels")
+            # TRL's fused head projects only the positions with a label (see utils/throughput.py)
+            self._step[2] += (labels != -100).sum() if kwargs.get("fused_lm_head") and labels is not None else tokens
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.distributed:
@@ -225,7 +229,7 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         if steps <= 0:
             return
         seconds = time.perf_counter() - self._window_start
-        tokens, squared_lengths = self._window.tolist()
+        tokens, squared_lengths, head_positions = self._window.tolist()
         self.tokens_seen += tokens
         throughput = {"tokens_per_second": round(tokens / seconds, 1),
                       "tokens_per_second_per_device": round(tokens / seconds / args.world_size, 1),
@@ -233,7 +237,8 @@ class ThroughputCallback(TrainerCallback, ExportableState):
                       "eta_seconds": round(max(state.max_steps - state.global_step, 0) * seconds / steps),
                       "tokens_seen": self.tokens_seen}
         if self.peak and tokens:
-            flops = flops_per_token(self.config, self.parameters, squared_lengths / tokens, self.reference_forward)
+            flops = flops_per_token(self.config, self.parameters, squared_lengths / tokens, self.reference_forward,
+                                    head_positions / tokens)
             throughput["mfu"] = round(throughput["tokens_per_second_per_device"] * flops / self.peak, 4)
         if self.on_gpu:
             peak_memory = torch.tensor([torch.cuda.max_memory_allocated(args.device)], device=args.device)

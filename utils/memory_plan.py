@@ -17,8 +17,9 @@ The parts, per GPU, N parameters, G GPUs, T tokens in a micro-batch (DPO: chosen
   11·intermediate + 6·kv width, measured: see below) without activation checkpointing; with it, the layer inputs
   (4·hidden per token and layer) plus one layer recomputed;
 - logits path: the LM head's output and the loss: 13 bytes per token and vocabulary entry at the peak (the bf16
-  logits, their fp32 copy, log-softmax kept for the backward, and its gradient); with Liger's fused linear
-  cross-entropy (`use_liger_kernel`), which never materialises the logits, a chunk of them only;
+  logits, their fp32 copy, log-softmax kept for the backward, and its gradient) in PT; a chunk of them only where
+  they are never materialised whole: TRL's fused LM head (SFT, DPO, GRPO, always) or Liger's fused linear
+  cross-entropy (PT with `use_liger_kernel`);
 - framework: the CUDA context, cuBLAS/NCCL workspaces and the caching allocator's fragmentation: 1.5 GB + 5%.
 
 The per-token coefficients were measured with torch's MemTracker under FakeTensorMode (bf16 autocast over fp32
@@ -42,7 +43,7 @@ LAUNCHERS = ("single", "ddp", "zero1", "zero2", "zero3")
 HEADROOM = 0.10
 FRAMEWORK_BYTES, FRAMEWORK_FRACTION = 1.5e9, 0.05
 LOGITS_BYTES_PER_ENTRY = 13
-LIGER_CHUNK_TOKENS = 1024  # Liger's fused linear cross-entropy works through the tokens a chunk at a time
+CHUNK_TOKENS = 1024  # Liger's fused linear cross-entropy and TRL's fused LM head work through the tokens in chunks
 
 
 def activation_bytes_per_token_layer(hidden: int, intermediate: int, kv_width: int) -> int:
@@ -87,7 +88,7 @@ class StepShape:
     autocast: bool = True
     optimizer_bytes: int = 8       # AdamW's two fp32 moments per parameter; 2 for 8-bit AdamW
     activation_checkpointing: bool = False
-    liger: bool = False
+    chunked_logits: bool = False  # Liger's fused cross-entropy, or TRL's fused LM head (SFT, DPO, GRPO)
 
 
 def plan_parts(model: ModelShape, step: StepShape, launcher: str, gpus: int) -> dict[str, float]:
@@ -111,7 +112,7 @@ def plan_parts(model: ModelShape, step: StepShape, launcher: str, gpus: int) -> 
         activations = tokens * (4 * model.hidden * model.layers + per_layer)
     else:
         activations = tokens * per_layer * model.layers
-    logit_tokens = min(tokens, LIGER_CHUNK_TOKENS) if step.liger else tokens
+    logit_tokens = min(tokens, CHUNK_TOKENS) if step.chunked_logits else tokens
     logits = logit_tokens * model.vocab * LOGITS_BYTES_PER_ENTRY
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
              "logits path": logits}
@@ -202,7 +203,15 @@ def step_shape(script_args, training_args) -> StepShape:
                      weights_bytes=2 if lean else 4, autocast=bool(training_args.bf16 or training_args.fp16),
                      optimizer_bytes=optimizer_bytes(script_args, training_args),
                      activation_checkpointing=bool(training_args.activation_checkpointing),
-                     liger=bool(training_args.use_liger_kernel) and importlib.util.find_spec("liger_kernel") is not None)
+                     chunked_logits=trl_fused_head(training_args) or (
+                         bool(training_args.use_liger_kernel) and importlib.util.find_spec("liger_kernel") is not None))
+
+
+def trl_fused_head(training_args) -> bool:
+    """SFTTrainer, DPOTrainer and GRPOTrainer always score through TRL's fused LM head (add_fused_lm_head)."""
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    return isinstance(training_args, (SFTConfig, DPOConfig, GRPOConfig))
 
 
 def optimizer_bytes(script_args, training_args) -> int:

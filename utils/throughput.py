@@ -29,7 +29,10 @@ checkpoint, which can be written at any step, holds the exact total.
 
 MFU = tokens/s per device x FLOPs per token / peak FLOP/s, with FLOPs per token = 6·N + 12·L·H·S (forward and
 backward): N = every parameter, embeddings included (the 1B and tiny models tie the embedding to the output head,
-which makes it one matmul of the head), L layers, H hidden size, S the attention length. Attention is included: S
+which makes it one matmul of the head), L layers, H hidden size, S the attention length. The head's share, 6·V·H,
+counts only the positions it projects: every position in PT (the loss needs them all), only the labelled ones
+where TRL's fused head runs (SFT, DPO and GRPO call the model with `fused_lm_head=True`: the prompt and padding
+positions are never projected), counted by the same hook. Attention is included: S
 is each token's sequence (document, in packed rows) length, averaged over the window's tokens (sum n^2 / sum n),
 and causal masking is not subtracted. A DPO step that runs the reference model (`precompute_ref_log_probs:
 false`) adds its forward, 2·N + 4·L·H·S. Activation checkpointing's recomputation is not counted (MFU, not
@@ -59,9 +62,13 @@ def peak_flops(device_name: str) -> float | None:
     return PEAK_TFLOPS[max(known, key=len)] * 1e12 if known else None
 
 
-def flops_per_token(config, parameters: int, seq_len: float, reference_forward: bool = False) -> float:
-    """Training FLOPs per token (see the module docstring): the backward costs twice the forward."""
-    forward = 2 * parameters + 4 * config.num_hidden_layers * config.hidden_size * seq_len
+def flops_per_token(config, parameters: int, seq_len: float, reference_forward: bool = False,
+                    head_fraction: float = 1.0) -> float:
+    """Training FLOPs per token (see the module docstring): the backward costs twice the forward. `head_fraction`:
+    the share of positions the LM head projects (TRL's fused head in SFT, DPO and GRPO projects only the labelled
+    ones; PT's loss projects every position)."""
+    head = config.vocab_size * config.hidden_size
+    forward = 2 * (parameters - head) + 2 * head * head_fraction + 4 * config.num_hidden_layers * config.hidden_size * seq_len
     return (4 if reference_forward else 3) * forward
 
 
