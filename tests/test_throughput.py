@@ -182,3 +182,32 @@ def test_tiny_pt_run_logs_throughput_everywhere_and_writes_its_report(tmp_path, 
     assert "| **block_size** | `128` | **`64`** | command line |" in report  # the recipe says 128
     assert "![loss curves](loss.png)" in report and (out / "loss.png").is_file()
     assert "- records: kept 120, skipped 0" in report  # data_report.json: mini_data/pt's 120 documents
+
+
+def test_mfu_counts_the_lm_head_only_where_trls_fused_head_projects():
+    """SFT, DPO and GRPO call the model with fused_lm_head=True: the head projects only the labelled positions, so
+    the head's 6·V·H FLOPs are counted for those alone; the rest of the model for every token."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    config = AutoConfig.from_pretrained(TINY_CONFIG, vocab_size=256, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    add_fused_lm_head(model)
+    parameters = sum(p.numel() for p in model.parameters())
+    args = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    state, control = TrainerState(max_steps=10, global_step=0), TrainerControl()
+    callback = ThroughputCallback(peak_tflops=1e-6)
+    callback.on_train_begin(args, state, control, model=model)
+    ids = torch.randint(1, 256, (2, 40))
+    labels = ids.clone()
+    labels[:, :30] = -100  # a prompt of 30 tokens, an answer of 10, in each row
+    model(input_ids=ids, labels=labels, fused_lm_head=True)
+    callback.on_step_end(args, state, control)
+    state.global_step = 1
+    state.log_history.append({"loss": 1.0, "step": 1})
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, control, logs=logs)
+    callback.on_train_end(args, state, control)
+
+    head = 256 * 64
+    by_hand = 6 * (parameters - head) + 6 * head * (20 / 80) + 12 * 2 * 64 * 40
+    assert logs["mfu"] == pytest.approx(logs["tokens_per_second_per_device"] * by_hand / 1e6, rel=1e-4)
