@@ -96,7 +96,7 @@ def test_the_marker_lists_every_file_and_any_change_is_named(tmp_path):
 
 def test_eta_is_never_negative():
     callback = ThroughputCallback()
-    callback._window = torch.tensor([640, 640 * 32])
+    callback._window = torch.tensor([640, 640 * 32, 640])  # tokens, squared lengths, LM-head positions
     callback._window_start, callback._window_step = time.perf_counter() - 1.0, 10
     callback.peak, callback.on_gpu, callback.distributed = None, False, False
     state = SimpleNamespace(global_step=11, max_steps=10, log_history=[{"loss": 1.0}], is_world_process_zero=False)

@@ -51,6 +51,9 @@ def test_mean_reward_rises_and_each_reward_is_logged(math_sft_checkpoint, tmp_pa
     assert len(logged) == 4
     for name in ("digit_share", "answer_format", "correct_answer"):
         assert all(f"rewards/{name}/mean" in entry for entry in logged)
+    # generation timed apart from training (utils/throughput.py): both throughputs, and the share generating
+    assert all(entry["generation_tokens_per_second_per_device"] > 0 and entry["tokens_per_second"] > 0
+               and 0 < entry["generation_time_fraction"] < 1 for entry in logged)
     # weights 1, 0, 0: the mean reward is the digit share's
     assert all(entry["reward"] == pytest.approx(entry["rewards/digit_share/mean"], abs=1e-6) for entry in logged)
     assert logged[-1]["reward"] > logged[0]["reward"] + 0.1, [entry["reward"] for entry in logged]

@@ -16,6 +16,7 @@ from transformers.trainer_callback import ExportableState
 
 from utils.checkpoint import COMPLETE_MARKER, batch_geometry, checkpoint_files, complete_checkpoints
 from utils.crash_safety import CrashSafetyArguments, global_batch
+from utils.disk import warn_if_low
 from utils.plot_loss import plot_runs
 from utils.throughput import batch_token_counts, flops_per_token, human_count, human_duration, peak_flops
 
@@ -120,6 +121,7 @@ class CheckpointCompleteCallback(TrainerCallback):
                 partial = folder / f"{COMPLETE_MARKER}.partial"
                 partial.write_text(json.dumps(marker, indent=1) + "\n")
                 partial.replace(folder / COMPLETE_MARKER)
+                warn_if_low(args.output_dir, sum(entry["bytes"] for entry in marker["files"].values()))
 
 
 class AnomalyGuard(TrainerCallback):
@@ -183,6 +185,7 @@ class ThroughputCallback(TrainerCallback, ExportableState):
     def __init__(self, peak_tflops: float | None = None):
         self.peak_tflops = peak_tflops
         self.tokens_seen = 0  # all ranks, up to the previous log
+        self._generation = [0.0, 0]  # seconds in model.generate, positions generated, since the last log
 
     def state(self) -> dict:
         unlogged = int(self._window[0]) if getattr(self, "_window", None) is not None else 0
@@ -206,6 +209,21 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         if self.on_gpu:
             torch.cuda.reset_peak_memory_stats(args.device)
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        # GRPO generates between training steps: its generation is timed apart, so that training throughput and MFU
+        # are over training time and generation gets its own tokens/s (this rank's; generation is not all-reduced)
+        self._model, original_generate = model, model.generate
+
+        def timed_generate(*args, **kwargs):
+            started = time.perf_counter()
+            output = original_generate(*args, **kwargs)
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            sequences = getattr(output, "sequences", output)
+            if torch.is_tensor(prompt) and torch.is_tensor(sequences):
+                self._generation[1] += sequences.numel() - prompt.numel()
+            self._generation[0] += time.perf_counter() - started
+            return output
+
+        model.generate = timed_generate
 
     def _count(self, module, args, kwargs):
         if module.training and torch.is_grad_enabled() and kwargs.get("input_ids") is not None:
@@ -229,13 +247,18 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         if steps <= 0:
             return
         seconds = time.perf_counter() - self._window_start
+        generation_seconds, generated = self._generation
+        training_seconds = max(seconds - generation_seconds, 1e-9)
         tokens, squared_lengths, head_positions = self._window.tolist()
         self.tokens_seen += tokens
-        throughput = {"tokens_per_second": round(tokens / seconds, 1),
-                      "tokens_per_second_per_device": round(tokens / seconds / args.world_size, 1),
+        throughput = {"tokens_per_second": round(tokens / training_seconds, 1),
+                      "tokens_per_second_per_device": round(tokens / training_seconds / args.world_size, 1),
                       # never negative, even at a step past max_steps
                       "eta_seconds": round(max(state.max_steps - state.global_step, 0) * seconds / steps),
                       "tokens_seen": self.tokens_seen}
+        if generated:
+            throughput["generation_tokens_per_second_per_device"] = round(generated / generation_seconds, 1)
+            throughput["generation_time_fraction"] = round(generation_seconds / seconds, 3)
         if self.peak and tokens:
             flops = flops_per_token(self.config, self.parameters, squared_lengths / tokens, self.reference_forward,
                                     head_positions / tokens)
@@ -249,14 +272,19 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         logs.update(throughput)
         state.log_history[-1].update(throughput)  # the Trainer appended this log before calling on_log
         if state.is_world_process_zero:
-            logger.info("step %d/%d: %s tokens/s (%s per device)%s%s, %s tokens seen, ETA %s", state.global_step,
+            generation = (f", generation {human_count(throughput['generation_tokens_per_second_per_device'])} "
+                          f"tokens/s per device ({throughput['generation_time_fraction']:.0%} of the time)"
+                          if generated else "")
+            logger.info("step %d/%d: %s tokens/s (%s per device)%s%s%s, %s tokens seen, ETA %s", state.global_step,
                         state.max_steps, human_count(throughput["tokens_per_second"]),
-                        human_count(throughput["tokens_per_second_per_device"]),
+                        human_count(throughput["tokens_per_second_per_device"]), generation,
                         f", MFU {throughput['mfu']:.1%}" if "mfu" in throughput else "",
                         f", peak {throughput['peak_gpu_memory_gib']} GiB" if self.on_gpu else "",
                         human_count(self.tokens_seen), human_duration(throughput["eta_seconds"]))
         self._window.zero_()
+        self._generation = [0.0, 0]
         self._window_start, self._window_step = time.perf_counter(), state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         self._hook.remove()
+        del self._model.generate  # the class's own again

@@ -6,6 +6,7 @@ any working directory (the original had to be started from the repo root).
 """
 
 import atexit
+import dataclasses
 import logging
 import os
 import shlex
@@ -19,6 +20,9 @@ import torch
 import transformers
 import yaml
 from trl import TrlParser
+
+from utils.errors import ConfigError, MissingInputError
+from utils.validation import check_namespace, unknown_setting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,10 +66,14 @@ def recipe_value(argv: list[str], key: str, default: str) -> str:
 
 def _recipe(argv: list[str]) -> dict | None:
     for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
-            return yaml.safe_load(Path(repo_path(argv[index + 1])).read_text()) or {}
-        if arg.startswith("--config="):
-            return yaml.safe_load(Path(repo_path(arg.split("=", 1)[1])).read_text()) or {}
+        path = argv[index + 1] if arg == "--config" and index + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path is not None:
+            if not Path(repo_path(path)).is_file():
+                from utils.errors import MissingInputError
+
+                raise MissingInputError(f"--config {path}: no such recipe file")
+            return yaml.safe_load(Path(repo_path(path)).read_text()) or {}
     return None
 
 
@@ -88,8 +96,37 @@ def without_recipe_keys(argv: list[str], keys: set[str], reason: str) -> list[st
     return [*argv[:config_index], f"--config={trimmed.name}", *argv[config_index + 1:]]
 
 
+class _Parser(TrlParser):
+    def error(self, message):
+        # argparse would print its usage block and exit: one line instead (a value of the wrong type, say)
+        raise ConfigError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, remaining = super().parse_known_args(args, namespace)
+        check_namespace(namespace, self.dataclass_types)  # before the config classes are built from it
+        return namespace, remaining
+
+
+def _one_recipe(argv: list[str]) -> list[str]:
+    """`argv` with its recipe as `--config PATH`, PATH taken from the repository root like every other path
+    (TrlParser reads only that spelling, from the current directory); one recipe at most."""
+    at = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
+    paths = [argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1] if i + 1 < len(argv) else "" for i in at]
+    if len(at) > 1:
+        raise ConfigError(f"--config given {len(at)} times ({', '.join(paths)}): give one recipe, and override "
+                          "its keys with flags")
+    if not at:
+        return argv
+    path = repo_path(paths[0])
+    if not path or not os.path.isfile(path):
+        raise MissingInputError(f"{paths[0] or '--config'}: no such recipe file (--config)")
+    return [*argv[:at[0]], "--config", path, *argv[at[0] + (1 if "=" in argv[at[0]] else 2):]]
+
+
 def parse_config(dataclass_types: tuple, argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The dataclasses of `dataclass_types` from the recipe and flags, every value checked (utils.validation)
+    before anything else runs: each problem is a ConfigError of one line."""
+    argv = _one_recipe(sys.argv[1:] if argv is None else list(argv))
     if _prepare_only(argv) and not torch.cuda.is_available():
         # Preparing data needs no GPU (it is meant to run on a CPU machine), but TrainingArguments refuses a
         # GPU recipe's bf16 where there is none: the trainer's device is the CPU for this run.
@@ -98,8 +135,15 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None):
     deepspeed_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if deepspeed_file:
         os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = repo_path(deepspeed_file)
-    parser = TrlParser(dataclass_types)
-    return parser.parse_args_and_config(args=argv)
+    try:
+        *parsed, from_recipe, from_flags = _Parser(dataclass_types).parse_args_and_config(
+            args=argv, return_remaining_strings=True, separate_remaining_strings=True)
+    except ValueError as err:  # a config class's own check (__post_init__), or a recipe that is not a mapping
+        raise ConfigError(" ".join(str(err).split())) from err
+    if from_flags or from_recipe:
+        known = [f.name for dataclass_type in dataclass_types for f in dataclasses.fields(dataclass_type)]
+        raise ConfigError(unknown_setting(from_flags, from_recipe, known))
+    return tuple(parsed)
 
 
 def setup_logging(training_args) -> logging.Logger:

@@ -42,6 +42,7 @@ from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 
 from utils.data import DataError, SkipCounter, WorkUnit, iter_normalized, plan_units
+from utils.disk import human_bytes
 from utils.errors import ConfigError
 
 logger = logging.getLogger("mini_qwen")
@@ -401,7 +402,7 @@ def remove_dead_partials(final: Path) -> None:
             continue
         freed = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
         shutil.rmtree(folder, ignore_errors=True)
-        logger.info("[cache] removed %s, left by pid %s which is gone: %s freed", folder, owner[1], _size(freed))
+        logger.info("[cache] removed %s, left by pid %s which is gone: %s freed", folder, owner[1], human_bytes(freed))
 
 
 def check_free_space(preparation: Preparation, cache_root: Path) -> None:
@@ -410,14 +411,7 @@ def check_free_space(preparation: Preparation, cache_root: Path) -> None:
     needed, free = SPACE_FACTOR * input_bytes, shutil.disk_usage(cache_root).free
     if needed > free:
         raise ConfigError(
-            f"{cache_root}: {_size(free)} free, and preparing {len(preparation.files)} {preparation.name} file(s) of "
-            f"{_size(input_bytes)} needs about {_size(needed)} ({SPACE_FACTOR:g} x the input: "
+            f"{cache_root}: {human_bytes(free)} free, and preparing {len(preparation.files)} {preparation.name} file(s) of "
+            f"{human_bytes(input_bytes)} needs about {human_bytes(needed)} ({SPACE_FACTOR:g} x the input: "
             "tokens as int32, plus the unit shards while they are merged). Free some space, or point --cache_dir "
             "at a disk that has it")
-
-
-def _size(count: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count:.0f} bytes"

@@ -8,7 +8,11 @@ every `report_to` integration get them), over the logging window since the previ
 - `eta_seconds`: steps left x this window's seconds per step (the console line says it as "1h02m");
 - `peak_gpu_memory_gib`: the most memory allocated on any rank since the previous log (GPU only; the peak is reset
   after each read);
-- `tokens_seen`: real tokens of all ranks since the start of the run, kept in checkpoints across a resume.
+- `tokens_seen`: real tokens of all ranks since the start of the run, kept in checkpoints across a resume;
+- GRPO, which generates between its training steps: `tokens_per_second` and MFU are over the training time only
+  (the window less the time in `model.generate`), `generation_tokens_per_second_per_device` the positions generated
+  per second of generation on this rank, `generation_time_fraction` the window's share spent generating. Training
+  FLOPs only: generation FLOPs are not in the MFU.
 
 Counting tokens. The Trainer's own counter (`include_num_input_tokens_seen`, transformers 5.24
 `Trainer._track_num_input_tokens`) is not used. Its "non_padding" mode sums `attention_mask` whenever the batch has
