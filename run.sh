@@ -17,7 +17,7 @@
 # --gpus N  prepares the stage's data with every core (`--prepare_only`, one plain process), then trains under
 #           `accelerate launch` with N processes (DeepSpeed ZeRO-2, accelerate_config.yaml); without it, plain
 #           `python` on one GPU (or the CPU), which prepares the data itself.
-# --ddp     with --gpus: plain DDP (accelerate_config_ddp.yaml) instead of ZeRO-2, for 40-80 GB GPUs.
+# --ddp     with --gpus: plain DDP (accelerate_config_ddp.yaml) instead of ZeRO-2, for 80 GB GPUs (--memory_plan).
 # --lean    pretraining with configs/pt_lean.yaml (bf16 weights and moments, checkpointing): one 16 GB GPU.
 # --demo    `all` and the stages with the demo recipes (configs/demo_*.yaml: mini_data, tiny model, CPU).
 # --bg      runs under nohup, logging to logs/output_<stage>.log, and prints the log path and the pid.
