@@ -89,3 +89,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_without_a_final_model(tmp_path):
     (marker,) = (tmp_path / "run").glob(f"checkpoint-*/{COMPLETE_MARKER}")  # save_steps 1000: only SIGTERM saved
     assert 0 < int(marker.parent.name.split("-")[1]) < 500
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_warmup_stable_decay_with_a_decay_fraction(tmp_path):
+    """`lr_scheduler_type: warmup_stable_decay` + `decay_fraction`: warmup, a flat peak, then the last half of
+    the steps down to min_lr_ratio (nanochat's long-stable schedule). The logged rate is the one each step used."""
+    from mini_qwen_pt import main
+
+    out = tmp_path / "out"
+    main(["--config", str(REPO / "configs" / "demo_pt.yaml"), *cpu_flags(out, tmp_path / "cache"),
+          "--data_files", str(REPO / "mini_data" / "pt"), "--block_size", "32", "--per_device_train_batch_size", "2",
+          "--max_steps", "8", "--save_strategy", "no", "--learning_rate", "1e-3", "--warmup_steps", "2",
+          "--lr_scheduler_type", "warmup_stable_decay",
+          "--lr_scheduler_kwargs", '{"decay_fraction": 0.5, "min_lr_ratio": 0.1, "decay_type": "linear"}'])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    assert len(rates) == 8
+    assert rates[0] < rates[1] < 1e-3  # warmup
+    assert rates[2:4] == pytest.approx([1e-3] * 2)  # stable at the peak
+    assert rates[4] >= rates[5] > rates[6] > rates[7] > 1e-4  # the last 4 of 8 steps decay towards 1e-4

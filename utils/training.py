@@ -10,6 +10,7 @@ from utils.callbacks import (AnomalyGuard, CheckpointCompleteCallback, LossPlotC
                              SigtermCallback, ThroughputCallback)
 from utils.checkpoint import check_resumable, resolve_resume, save_final_model
 from utils.compat import require
+from utils.errors import ConfigError
 from utils.crash_safety import CrashSafetyArguments
 from utils.report import write_stage_report
 from utils.throughput import ThroughputArguments
@@ -47,10 +48,30 @@ def before_training(trainer) -> str | None:
     # The throughput numbers must be in `logs` before the reporting integrations (tensorboard, wandb), which the
     # Trainer puts ahead of the stage's callbacks, read them in the same on_log call.
     trainer.callback_handler.callbacks.sort(key=lambda callback: not isinstance(callback, ThroughputCallback))
+    decay_steps_from_fraction(trainer)
     checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if checkpoint:
         check_resumable(checkpoint, args, trainer.is_deepspeed_enabled)
     return checkpoint
+
+
+def decay_steps_from_fraction(trainer) -> None:
+    """`lr_scheduler_type: warmup_stable_decay` with `lr_scheduler_kwargs: {decay_fraction: F}`: the last F of the
+    run's steps decay (transformers' WSD schedule takes a step count, which a recipe cannot know before the data is
+    prepared). Warmup is `warmup_steps`, the rest stays at the peak; `min_lr_ratio` is where the decay ends."""
+    args = trainer.args
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    if "decay_fraction" not in kwargs:
+        return
+    if args.lr_scheduler_type != "warmup_stable_decay":
+        raise ConfigError(f"lr_scheduler_kwargs decay_fraction is for lr_scheduler_type warmup_stable_decay, not "
+                          f"{args.lr_scheduler_type}")
+    fraction = float(kwargs.pop("decay_fraction"))
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"lr_scheduler_kwargs decay_fraction {fraction}: must be in (0, 1]")
+    kwargs["num_decay_steps"] = max(1, round(fraction * _last_step(trainer)))
+    args.lr_scheduler_kwargs = kwargs
+    logger.info("warmup-stable-decay: the last %d steps decay (%g of the run)", kwargs["num_decay_steps"], fraction)
 
 
 def load_if_finished(trainer, checkpoint: str | None) -> bool:
