@@ -13,7 +13,11 @@
     python -m utils.benchmark lean_curve --config configs/demo_pt.yaml --max_steps 200
 
 The step benchmark drives the model and optimizer directly on synthetic token ids (the data pipeline is measured
-separately by `data_prep`): forward with loss, backward, clip, AdamW step. Presets:
+separately by `data_prep`): forward with loss, backward, clip, AdamW step. It exists for comparisons the stage
+scripts refuse to run (the original's bf16 weights under plain AdamW) and for isolated kernel choices; it does not
+see what a stage adds (its collator, TRL's fused head, DeepSpeed, the callbacks). The stages' own speed and memory,
+as users get them, come from the stage scripts themselves: `bash run.sh gpu-check` (utils/gpu_check.py) runs them
+with `--max_steps` and reads the throughput callback's tokens/s, MFU and peak memory. Presets:
 - `--recipe original`: bf16 weights updated in place by AdamW (the original's single-GPU numerics), sdpa or its
   flash-attention choice, micro-batch 12, block 1024, the full-logits loss.
 - `--recipe ours` (default): fp32 master weights, bf16 autocast, fused AdamW on GPU; every optimisation is a flag.
