@@ -46,6 +46,7 @@ from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
 from utils.errors import ConfigError, run_main
 from utils.modeling import build_model, build_reward_model, score_only_labelled_positions_on_cpu
+from utils.muon import MuonArguments, muon_optimizer
 from utils.lora import apply_lora
 from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare_or_load,
                            tokenizer_fingerprint)
@@ -64,7 +65,7 @@ METHOD_DEFAULTS = {"simpo": ["--loss_type", "simpo", "--cpo_alpha", "0"]}
 
 
 @dataclass
-class DPOScriptArguments(DataArguments, ThroughputArguments):
+class DPOScriptArguments(DataArguments, ThroughputArguments, MuonArguments):
     data_files: list[str] = field(default_factory=lambda: ["mini_data/dpo"], metadata={
         "help": "preference files, folders or globs (Infinity-Preference, prompt/chosen/rejected strings, ShareGPT)"})
     init_from: str = field(default="results/sft", metadata={"help": "the SFT checkpoint to optimise"})
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    muon_optimizer(trainer, script_args)
     checkpoint = before_training(trainer)
     before = trainer.evaluate() if eval_dataset is not None and not checkpoint else None
     if not load_if_finished(trainer, checkpoint):

@@ -32,6 +32,7 @@ from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_
 from utils.errors import ConfigError, run_main
 from utils.lora import apply_lora
 from utils.modeling import build_model, score_only_labelled_positions_on_cpu
+from utils.muon import MuonArguments, muon_optimizer
 from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare_or_load,
                            tokenizer_fingerprint)
 from utils.rewards import resolve_reward_funcs
@@ -44,7 +45,7 @@ CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 @dataclass
-class GRPOScriptArguments(DataArguments, ThroughputArguments):
+class GRPOScriptArguments(DataArguments, ThroughputArguments, MuonArguments):
     data_files: list[str] = field(default_factory=lambda: ["mini_data/grpo"], metadata={
         "help": "problem files, folders or globs (GSM8K-shaped question/answer, the answer ending in '#### N')"})
     init_from: str = field(default="results/dpo", metadata={"help": "the SFT or DPO checkpoint to optimise"})
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None):
     for callback in stage_callbacks(crash_args, ("loss", "reward", *reward_keys, "completions/mean_length"),
                                     script_args):
         trainer.add_callback(callback)
+    muon_optimizer(trainer, script_args)
     checkpoint = before_training(trainer)
     if not load_if_finished(trainer, checkpoint):
         trainer.train(resume_from_checkpoint=checkpoint)

@@ -31,6 +31,7 @@ from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, files_fingerprint, resolve_data_files
 from utils.errors import run_main
 from utils.modeling import build_model, check_weight_precision, stochastic_rounding_adamw
+from utils.muon import MuonArguments, muon_optimizer
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_preparation
 from utils.lora import apply_lora
 from utils.prepare import DataArguments, code_fingerprint, prepare_or_load, tokenizer_fingerprint
@@ -41,7 +42,7 @@ from utils.training import (before_training, load_if_finished, save_and_report, 
 
 
 @dataclass
-class PretrainArguments(DataArguments, ThroughputArguments):
+class PretrainArguments(DataArguments, ThroughputArguments, MuonArguments):
     # data (and cache_dir, data_workers, prepare_only from DataArguments)
     data_files: list[str] = field(default_factory=lambda: ["mini_data/pt"], metadata={
         "help": "pretraining files, folders or globs (parquet/jsonl/json/txt with a `text` column)"})
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None):
         callbacks=callbacks,
         optimizer_cls_and_kwargs=stochastic_rounding_adamw(training_args) if script_args.stochastic_rounding else None,
     )
+    muon_optimizer(trainer, script_args)
     checkpoint = before_training(trainer)
     if not load_if_finished(trainer, checkpoint):
         trainer.train(resume_from_checkpoint=checkpoint)

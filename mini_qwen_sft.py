@@ -11,12 +11,16 @@
     python mini_qwen_sft.py --config configs/sft.yaml --system_prompt_strategy mixed
     # faster: samples packed into rows without padding (attention kept inside each sample)
     python mini_qwen_sft.py --config configs/sft.yaml --packing true
+    # reasoning and tool-use conversations (mini_data/sft_tools), the thinking read but not trained
+    python mini_qwen_sft.py --config configs/sft.yaml --data_files mini_data/sft_tools --train_on_reasoning false
     # prepare the data only (every core), e.g. before a multi-GPU launch
     python mini_qwen_sft.py --config configs/sft.yaml --prepare_only
 
 Loss masking uses the chat template's {% generation %} markers (TRL's assistant_only_loss): every assistant token,
-its <|im_end|> included, is trained; no system or user token is. Over-long samples lose their oldest turns first,
-then the middle of their prompt, never their answer (counts are printed). Every YAML key is also a --flag.
+its <|im_end|> included, is trained; no system or user token is. Tool calls are assistant text (<tool_call> blocks,
+trained), tool results user text (<tool_response> blocks, not trained); `--train_on_reasoning false` leaves the
+<think> blocks of answers out of the loss as well. Over-long samples lose their oldest turns first, then the middle
+of their prompt, never their answer (counts are printed). Every YAML key is also a --flag.
 """
 
 import random
@@ -37,6 +41,7 @@ from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, files_fingerprint, iter_normalized, resolve_data_files
 from utils.errors import ConfigError, run_main
 from utils.modeling import build_model, score_only_labelled_positions_on_cpu
+from utils.muon import MuonArguments, muon_optimizer
 from utils.packing import DocumentMaskCollator
 from utils.lora import apply_lora
 from utils.prepare import (DataArguments, Preparation, UnitStats, code_fingerprint, default_workers, prepare_or_load,
@@ -48,7 +53,7 @@ from utils.training import (before_training, load_if_finished, save_and_report, 
 
 
 @dataclass
-class SFTScriptArguments(DataArguments, ThroughputArguments):
+class SFTScriptArguments(DataArguments, ThroughputArguments, MuonArguments):
     data_files: list[str] = field(default_factory=lambda: ["mini_data/sft"], metadata={
         "help": "conversation files, folders or globs (Infinity-Instruct, ShareGPT, messages, alpaca, prompt/response)"})
     init_from: str = field(default="results/pt", metadata={"help": "the pretrained checkpoint to fine-tune"})
@@ -63,6 +68,8 @@ class SFTScriptArguments(DataArguments, ThroughputArguments):
     identity_name: str = field(default="mini_qwen", metadata={"help": "fills {{name}} in the identity data"})
     identity_author: str = field(default="the mini_qwen authors", metadata={"help": "fills {{author}}"})
     identity_repeat: int = field(default=3, metadata={"help": "times the (small) identity set is repeated"})
+    train_on_reasoning: bool = field(default=True, metadata={
+        "help": "train on the <think> blocks of answers; false: the model reads them, the loss skips them"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2"})
 
 
@@ -79,7 +86,8 @@ def conversation_preparation(files, tokenizer, script_args, training_args, key) 
         messages = add_system_prompt(messages, record["category"], script_args.system_prompt_strategy, rng,
                                      script_args.system_prompt)
         messages, bodies, action = chat.fit(messages, training_args.max_length)
-        input_ids, labels = chat.encode_bodies(messages, bodies, training_args.assistant_only_loss)
+        input_ids, labels = chat.encode_bodies(messages, bodies, training_args.assistant_only_loss,
+                                               script_args.train_on_reasoning)
         stats.tokens += len(input_ids)
         stats.counts[action or "fits"] += 1
         return {"input_ids": input_ids, "labels": labels}
@@ -103,6 +111,7 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
     files = resolve_data_files([repo_path(f) for f in script_args.data_files])
     key = {"files": files_fingerprint(files), "tokenizer": tokenizer_fingerprint(tokenizer),
            "max_length": training_args.max_length, "assistant_only_loss": training_args.assistant_only_loss,
+           "train_on_reasoning": script_args.train_on_reasoning,
            "turns": script_args.turns, "seed": training_args.seed,
            "system": [script_args.system_prompt_strategy, script_args.system_prompt],
            "identity": [script_args.identity_file and files_fingerprint([repo_path(script_args.identity_file)]),
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None):
     )
     if training_args.packing or training_args.padding_free:
         trainer.data_collator = DocumentMaskCollator(trainer.data_collator, model.config._attn_implementation)
+    muon_optimizer(trainer, script_args)
     checkpoint = before_training(trainer)
     if not load_if_finished(trainer, checkpoint):
         trainer.train(resume_from_checkpoint=checkpoint)

@@ -38,7 +38,7 @@ def stage_rows(tokenizer, conversations, training_args, category="", **script_ov
     from mini_qwen_sft import conversation_preparation
 
     script_args = SimpleNamespace(**({"turns": "all", "system_prompt_strategy": "none", "system_prompt": "",
-                                      "identity_file": None} | script_overrides))
+                                      "identity_file": None, "train_on_reasoning": True} | script_overrides))
     preparation = conversation_preparation([], tokenizer, script_args, training_args, {})
     return [preparation.shape({"messages": c, "category": category}, UnitStats()) for c in conversations]
 
@@ -200,6 +200,7 @@ def test_identity_data_is_mixed_in_with_its_placeholders_filled(tokenizer, tmp_p
     from utils.prepare import prepare_or_load
 
     script_args = SimpleNamespace(turns="all", system_prompt_strategy="none", system_prompt="", identity_repeat=2,
+                                  train_on_reasoning=True,
                                   identity_file=str(REPO / "mini_data" / "identity" / "identity.jsonl"),
                                   identity_name="小Q", identity_author="Ada Lovelace")
     preparation = conversation_preparation([str(REPO / "mini_data" / "sft" / "Gen" / "train-00000-of-00001.parquet")],

@@ -7,7 +7,7 @@ import random
 
 from transformers import PreTrainedTokenizerBase
 
-from utils.data import SkipRecord
+from utils.data import SkipRecord, reasoning_length
 from utils.errors import ConfigError
 
 DEFAULT_SYSTEM_PROMPT = "You are mini_qwen, a helpful assistant that answers in the user's language."
@@ -94,8 +94,16 @@ class ChatTokens:
         self.generation_prompt = [self.im_start, *self.role_prefix["assistant"]]
 
     def body(self, message: dict) -> list[int]:
-        """Token ids of "{role}\n{content}", the part between <|im_start|> and <|im_end|>."""
-        return self.encode(f"{message['role']}\n{message['content']}")
+        """Token ids of "{role}\n{content}", the part between <|im_start|> and <|im_end|>. An assistant's <think>
+        block is encoded on its own, so that it ends on a token boundary whatever follows (its last characters,
+        ">\n\n", end a pre-token anyway, so the ids are those of the whole text)."""
+        text, head = f"{message['role']}\n{message['content']}", self.thinking(message)
+        return self.encode(head) + self.encode(text[len(head):]) if head else self.encode(text)
+
+    def thinking(self, message: dict) -> str:
+        """"assistant\n<think>\n...\n</think>\n\n" when the message opens with reasoning, else ""."""
+        length = reasoning_length(message["content"]) if message["role"] == "assistant" else 0
+        return f"assistant\n{message['content'][:length]}" if length else ""
 
     def prefix_length(self, role: str, body: list[int]) -> int:
         """Tokens of `body` before the content: the role and its newline, unless the newline merged with the
@@ -107,23 +115,27 @@ class ChatTokens:
     def message_length(self, body: list[int]) -> int:
         return len(body) + 2 + len(self.newline)
 
-    def encode_bodies(self, messages: list[dict], bodies: list[list[int]], assistant_only: bool = True
-                      ) -> tuple[list[int], list[int]]:
+    def encode_bodies(self, messages: list[dict], bodies: list[list[int]], assistant_only: bool = True,
+                      train_on_reasoning: bool = True) -> tuple[list[int], list[int]]:
         """(input_ids, labels): labels are the ids on assistant content and its <|im_end|> (or everywhere when
-        `assistant_only` is off) and -100 elsewhere."""
+        `assistant_only` is off) and -100 elsewhere; without `train_on_reasoning`, -100 on <think> blocks too (the
+        model reads its reasoning but learns only the answers and tool calls that follow it)."""
         ids, labels = [], []
         for message, body in zip(messages, bodies):
             piece = [self.im_start, *body, self.im_end, *self.newline]
             ids.extend(piece)
             if not assistant_only:
-                labels.extend(piece)
+                trained_from, trained_to = 0, len(piece)
             elif message["role"] == "assistant":
                 trained_from = 1 + self.prefix_length("assistant", body)
                 trained_to = 2 + len(body)  # through <|im_end|>, not the newline after it
-                labels.extend([-100] * trained_from + piece[trained_from:trained_to]
-                              + [-100] * (len(piece) - trained_to))
             else:
-                labels.extend([-100] * len(piece))
+                trained_from = trained_to = 0
+            piece_labels = [-100] * trained_from + piece[trained_from:trained_to] + [-100] * (len(piece) - trained_to)
+            if not train_on_reasoning and (thinking := self.thinking(message)):
+                start, end = 1 + len(self.role_prefix["assistant"]), 1 + len(self.encode(thinking))
+                piece_labels[start:end] = [-100] * (end - start)
+            labels.extend(piece_labels)
         return ids, labels
 
     def encode_conversation(self, messages: list[dict]) -> list[int]:

@@ -13,7 +13,8 @@ Shapes understood, per stage kind:
   (whole conversations; the shared leading turns are the prompt), or `chosen`/`rejected` alone as
   "\n\nHuman: …\n\nAssistant: …" transcripts (Anthropic hh-rlhf).
 Messages may hold typed text parts ([{"type": "text", "text"}]), tool calls and results (OpenAI `tool_calls` / `tool`,
-LLaMA-Factory `function_call` / `observation`) and `reasoning_content`: all become plain ChatML text the way Qwen's
+LLaMA-Factory `function_call` / `observation` turns or `tool_call` parts) and reasoning (`reasoning_content`,
+LLaMA-Factory `reasoning` parts, a <think> block opening the answer): all become plain ChatML text the way Qwen's
 chat templates write them (<tool_call>, <tool_response>, <think> blocks; tools in the system message), so the roles stay
 system/user/assistant. Message text is never parsed as JSON; a DPO prompt/chosen/rejected string is read as messages
 only when it is the text of messages. KTO-style records (a true/false `label`) are skipped, in both stages.
@@ -359,23 +360,33 @@ def _message_structure(value):
     return parsed if items and all(map(_is_message, items)) else value
 
 
-def _content_text(content, what: str):
+# Typed parts an assistant message may hold besides text (LLaMA-Factory's messages): its thinking, and a tool call
+# as the JSON text of {name, arguments}.
+ASSISTANT_PARTS = ("reasoning", "tool_call")
+
+
+def _content_text(content, what: str, other_parts: tuple[str, ...] = ()) -> tuple[str | None, dict[str, list]]:
     """A message's text: a string as it is, or typed parts [{"type": "text", "text"|"value": ...}] (OpenAI,
     LLaMA-Factory's newer format) joined with nothing between them, as Qwen2-VL's template joins them: the parts
-    are pieces of one text, and a separator would add characters the author did not write."""
+    are pieces of one text, and a separator would add characters the author did not write. Parts of the types in
+    `other_parts` are returned beside the text, by type and in order; any other type skips the record."""
     if not isinstance(content, list):
-        return content
-    texts = []
+        return content, {}
+    texts, others = [], {kind: [] for kind in other_parts}
     for part in content:
         if not isinstance(part, dict):
             raise SkipRecord(f"content part of a {what} is not an object")
-        if part.get("type") != "text":
-            raise SkipRecord(f"non-text content part {part.get('type')!r}")
-        text = _first(part, "text", "value")
-        if not isinstance(text, str):
-            raise SkipRecord(f"text part of a {what} is not a string")
-        texts.append(text)
-    return "".join(texts)
+        kind = part.get("type")
+        if kind != "text" and kind not in others:
+            raise SkipRecord(f"non-text content part {kind!r}")
+        value = _first(part, "text", "value")
+        if kind == "tool_call":  # a structure, checked by _tool_call_text
+            others[kind].append(_maybe_literal(value))
+            continue
+        if not isinstance(value, str):
+            raise SkipRecord(f"{kind} part of a {what} is not a string")
+        (texts if kind == "text" else others[kind]).append(value)
+    return "".join(texts), others
 
 
 def _tool_call_text(call) -> str:
@@ -398,26 +409,54 @@ def _tool_call_text(call) -> str:
     return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n</tool_call>"
 
 
-def _assistant_text(item: dict, content) -> str:
-    """The text an assistant turn trains on: Qwen3's <think> block for its reasoning, then its text, then one
-    <tool_call> block per call (each on its own line, as Qwen2.5's template puts them)."""
+THINK_START, THINK_END = "<think>\n", "\n</think>\n\n"
+
+
+def reasoning_length(content: str) -> int:
+    """Characters of the <think> block that opens an assistant text as _assistant_text writes it (0 without one):
+    the span that --train_on_reasoning false leaves out of the loss."""
+    end = content.find(THINK_END) if content.startswith(THINK_START) else -1
+    return end + len(THINK_END) if end >= 0 else 0
+
+
+def _reasoning(item: dict, content, parts: dict[str, list]) -> tuple[str, str | None]:
+    """(the reasoning of an assistant message, its text without it). The reasoning may be a field
+    (`reasoning_content`: DeepSeek, OpenAI-compatible servers; `reasoning`, `thinking`), `reasoning` parts
+    (LLaMA-Factory), or a <think>...</think> block already opening the text (R1-style distillations); blank
+    reasoning is none. Given in two of these places, which one the answer follows is unknowable: skipped."""
+    field = _first(item, "reasoning_content", "reasoning", "thinking")
+    if field is not None and not isinstance(field, str):
+        raise SkipRecord("assistant reasoning is not a string")
+    found = [field or "", "".join(parts.get("reasoning", []))]
+    if isinstance(content, str) and content.lstrip().startswith("<think>") and "</think>" in content:
+        thought, _, content = content.lstrip().removeprefix("<think>").partition("</think>")
+        found.append(thought)
+        content = content.lstrip("\n")
+    found = [text.strip("\n") for text in found if text.strip()]
+    if len(found) > 1:
+        raise SkipRecord("assistant reasoning given twice")
+    return (found[0] if found else ""), content
+
+
+def _assistant_text(item: dict, content, parts: dict[str, list]) -> str:
+    """The text an assistant turn trains on, as Qwen3's template writes a turn (Qwen2.5's has no reasoning): the
+    reasoning in a <think> block, a blank line, the text, then one <tool_call> block per call, each on its own line
+    as Qwen2.5's template puts them. Calls come from OpenAI `tool_calls` (or its older `function_call`) and from
+    LLaMA-Factory `tool_call` parts."""
+    reasoning, content = _reasoning(item, content, parts)
     calls = _maybe_literal(_first(item, "tool_calls", "function_call"))
     if isinstance(calls, dict):  # OpenAI's older single `function_call`
         calls = [calls]
     if calls is not None and not isinstance(calls, list):
         raise SkipRecord("tool_calls is not a list")
+    calls = (calls or []) + parts.get("tool_call", [])
     if calls:
         if content is not None and not isinstance(content, str):
             raise SkipRecord("assistant message is not a string")
         content = "\n".join(([content] if content else []) + [_tool_call_text(call) for call in calls])
-    content = _text(content, "assistant message")
-    reasoning = _first(item, "reasoning_content", "reasoning", "thinking")
-    if reasoning is not None and not isinstance(reasoning, str):
-        raise SkipRecord("assistant reasoning is not a string")
-    if reasoning and reasoning.strip():  # newlines trimmed where Qwen3's template trims them
-        thought, content = reasoning.strip("\n"), content.lstrip("\n")
-        content = f"<think>\n{thought}\n</think>\n\n{content}"
-    return content
+    content = _text(content, "assistant message")  # thinking alone is no answer
+    # newlines trimmed where Qwen3's template trims them
+    return THINK_START + reasoning + THINK_END + content.lstrip("\n") if reasoning else content
 
 
 def _message(item) -> dict:
@@ -433,9 +472,10 @@ def _message(item) -> dict:
         calls = _maybe_literal(raw_content)
         calls = calls if isinstance(calls, list) else [calls]
         return {"role": "assistant", "content": _text("\n".join(map(_tool_call_text, calls)), "function_call message")}
-    content = _content_text(raw_content, f"{role} message")
     if role == "assistant":
-        return {"role": role, "content": _assistant_text(item, content)}
+        return {"role": role, "content": _assistant_text(item, *_content_text(raw_content, "assistant message",
+                                                                               ASSISTANT_PARTS))}
+    content, _ = _content_text(raw_content, f"{role} message")
     if item.get("tool_calls"):
         raise SkipRecord(f"tool_calls on a {role} message")
     return {"role": role, "content": _text(content, f"{role} message")}

@@ -33,6 +33,7 @@ RULES = {
     "heldout_fraction": "(0, 1)",
     "identity_repeat": AT_LEAST_0,
     "peak_tflops": POSITIVE,
+    "muon_momentum": "[0, 1)",
     "lora_r": AT_LEAST_1,
     "lora_alpha": POSITIVE,
     "lora_dropout": "[0, 1)",
