@@ -211,7 +211,9 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         # GRPO generates between training steps: its generation is timed apart, so that training throughput and MFU
         # are over training time and generation gets its own tokens/s (this rank's; generation is not all-reduced)
-        self._model, original_generate = model, model.generate
+        self._model, original_generate = model, getattr(model, "generate", None)
+        if original_generate is None:  # a reward model (sequence classifier) never generates
+            return
 
         def timed_generate(*args, **kwargs):
             started = time.perf_counter()
@@ -287,4 +289,5 @@ class ThroughputCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._hook.remove()
-        del self._model.generate  # the class's own again
+        if "generate" in vars(self._model):
+            del self._model.generate  # the class's own again
