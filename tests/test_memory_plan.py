@@ -70,3 +70,21 @@ def test_every_stage_prints_its_plan_and_builds_nothing(stage, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "zero2 on 8 x H100" in result.stdout and "fits with 10% headroom" in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("gpu", ["H100", "H800", "A100-40GB", "4090", "T4"])
+def test_the_plan_for_each_gpu_class_names_what_fits(gpu, capsys, tmp_path):
+    """In-process through the PT entry point: the verdict follows the GPU's memory (the 1B PT recipe at micro-batch
+    6 fits an 80 GB GPU and nothing smaller), and the largest micro-batch that fits shrinks with it."""
+    from mini_qwen_pt import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--config", str(REPO / "configs" / "pt.yaml"), "--memory_plan", "--gpu", gpu, "--num_gpus", "1",
+              "--output_dir", str(tmp_path / "out")])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert f"single on 1 x {gpu}" in out
+    fits = gpu in ("H100", "H800")
+    assert ("fits with 10% headroom" in out and "NOT" not in out) == fits, out
+    largest = int(out.rsplit("the largest micro-batch that fits: ", 1)[1].split()[0])
+    assert (largest >= 6) == fits
