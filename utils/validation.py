@@ -66,6 +66,8 @@ RULES = {
     "max_length": AT_LEAST_1,
     "max_completion_length": AT_LEAST_1,
     "beta": POSITIVE,  # the preference losses divide by it, or flatten to a constant at 0
+    "GKDConfig.beta": "[0, 1]",  # GKD: 0 forward KL, 1 reverse KL, between them a generalised JSD
+    "lmbda": "[0, 1]",
     "GRPOConfig.beta": AT_LEAST_0,
     "label_smoothing": "[0, 0.5)",  # at 0.5 chosen and rejected weigh the same: nothing to learn
     "desirable_weight": POSITIVE,
