@@ -10,29 +10,44 @@
     python mini_qwen_eval.py --model_path results/sft --prompts default --greedy --sweep_repetition_penalty 1.0 1.1 1.3
     # held-out loss and bits per byte on text the model never saw
     python mini_qwen_eval.py --model_path results/pt --eval_text heldout.txt
+    # benchmarks through lm-evaluation-harness (C-Eval val, CMMLU, MMLU, GSM8K from prepare.sh's folders), side by side
+    python mini_qwen_eval.py --model_path results/pt results/sft results/dpo --benchmarks ceval,cmmlu,mmlu
+    # 5-shot, chat template, a quick look: two subjects, 20 questions each; NAME=PATH for data elsewhere
+    python mini_qwen_eval.py --model_path results/sft --benchmarks ceval,mmlu=data/eval/mmlu/val --shots 5 \
+        --chat_template --subjects computer_network,abstract_algebra --limit 20
+    # GSM8K exact match for a GRPO checkpoint (a folder with *train* and *test* files, or one file with --shots 0)
+    python mini_qwen_eval.py --model_path results/grpo --benchmarks gsm8k=mini_data/grpo/math_en.jsonl --shots 0
 
 In chat, typing the two characters \\n inserts a line break (a terminal sends them literally; seed FAQ 16).
 Decoding defaults come from the checkpoint's generation_config; every flag overrides them.
+Benchmarks follow lm-eval's own protocol (utils/eval_harness.py); they write <output_dir>/benchmarks/report.md.
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from threading import Thread
 
-import utils  # noqa: F401  (first: it silences import-time noise, see utils/__init__.py)
-import torch
-from transformers import GenerationConfig, TextIteratorStreamer
+# Checkpoints and benchmark data are local: nothing here may reach a hub (set before huggingface_hub is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from utils.checkpoint import STAGE_FILE
-from utils.config import repo_path
-from utils.data import DataError
-from utils.errors import ConfigError, MissingInputError, run_main
-from utils.metrics import heldout_metrics, repetition_report
-from utils.modeling import load_checkpoint
+import utils  # noqa: E402, F401  (first of the project: it silences import-time noise, see utils/__init__.py)
+import torch  # noqa: E402
+from transformers import GenerationConfig, TextIteratorStreamer  # noqa: E402
+
+from utils import eval_harness  # noqa: E402
+from utils.checkpoint import STAGE_FILE  # noqa: E402
+from utils.config import repo_path  # noqa: E402
+from utils.data import DataError  # noqa: E402
+from utils.errors import ConfigError, MissingInputError, run_main  # noqa: E402
+from utils.metrics import heldout_metrics, repetition_report  # noqa: E402
+from utils.modeling import load_checkpoint  # noqa: E402
 from utils.report import pipeline_report
+from utils.validation import check_namespace  # noqa: E402
 
 # The original's four prompts, and a few more in both languages.
 DEFAULT_PROMPTS = [
@@ -59,6 +74,25 @@ def parse_args(argv=None):
     parser.add_argument("--pipeline_report", default=None, metavar="RESULTS_DIR",
                         help="then write RESULTS_DIR/report.md linking its stage reports and this one (run.sh all)")
     parser.add_argument("--eval_text", default=None, help="held-out text file: report loss and bits per byte")
+    # benchmarks (lm-evaluation-harness)
+    bench = parser.add_argument_group("benchmarks, through lm-evaluation-harness (utils/eval_harness.py)")
+    bench.add_argument("--benchmarks", default=None, metavar="NAME[=PATH],...",
+                       help="ceval, cmmlu, mmlu, gsm8k, comma-separated; PATH: the evaluated split's folder of "
+                            "per-subject CSVs, few-shot rows from a `dev` folder beside it (default: "
+                            + ", ".join(f"{n} {b.default_data}" for n, b in eval_harness.BENCHMARKS.items())
+                            + "; gsm8k: a file, or a folder of *test* and *train* files)")
+    bench.add_argument("--shots", type=int, default=None,
+                       help="few-shot examples per question (default: lm-eval's, 0; gsm8k 5)")
+    bench.add_argument("--subjects", default=None, help="comma-separated subjects, e.g. computer_network,virology")
+    bench.add_argument("--limit", type=int, default=None, help="the first N questions of each subject")
+    bench.add_argument("--batch_size", default=None,
+                       help="prompts per forward pass, or auto: the most that fit (lm-eval's search; the default on a "
+                            "GPU). Default on a CPU: 1, as fast there as 4 or 8 and the least memory: lm-eval holds "
+                            "batch x prompt tokens x 151,936 log-probabilities (docs/BENCHMARKS.md)")
+    bench.add_argument("--chat_template", action="store_true",
+                       help="wrap prompts in the checkpoint's chat template, shots as earlier turns (lm-eval's "
+                            "--apply_chat_template); default: plain prompts, as published base-model scores")
+    bench.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16")
     # decoding (defaults: the checkpoint's generation_config)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--temperature", type=float)
@@ -66,7 +100,7 @@ def parse_args(argv=None):
     parser.add_argument("--top_k", type=int)
     parser.add_argument("--repetition_penalty", type=float)
     parser.add_argument("--no_repeat_ngram_size", type=int)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="also gsm8k's (lm-eval's max_gen_toks)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed, for reports that can be repeated")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return parser.parse_args(argv)
@@ -216,27 +250,40 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_benchmarks(models: list[str], args) -> None:
+    batch_size = args.batch_size or ("1" if args.device == "cpu" else "auto")
+    settings = eval_harness.Settings(args.shots, args.limit, batch_size, args.chat_template, args.device, args.dtype,
+                                     args.max_new_tokens)
+    output_dir = Path(repo_path(args.output_dir)) / "benchmarks"
+    eval_harness.run(models, args.benchmarks, output_dir, args.subjects.split(",") if args.subjects else None,
+                     settings)
+    print(f"benchmark report written to {output_dir / 'report.md'} and report.json")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_namespace(args)  # ranges of the decoding flags, before any model loads
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     models = [repo_path(path) for path in args.model_path]
-    if args.prompts is None and args.eval_text is None:
+    if args.benchmarks:  # first: its data checks come before any model loads
+        run_benchmarks(models, args)
+    if args.prompts is not None:
+        report = batch_report(models, args)
+        output_dir = Path(repo_path(args.output_dir))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2))
+        (output_dir / "report.md").write_text(to_markdown(report))
+        print(f"report written to {output_dir / 'report.md'} and report.json")
+    elif args.eval_text is not None:
+        for path in models:
+            model, tokenizer = load_checkpoint(path, args.device)
+            print(json.dumps({"model": path, **heldout_metrics(model, tokenizer, repo_path(args.eval_text))}))
+    elif not args.benchmarks:
         if len(models) != 1:
             raise ConfigError("interactive chat takes one --model_path; use --prompts for a comparison")
         model, tokenizer = load_checkpoint(models[0], args.device)
         interactive(model, tokenizer, checkpoint_mode(models[0], args.mode), args)
         return
-    if args.prompts is None:
-        for path in models:
-            model, tokenizer = load_checkpoint(path, args.device)
-            print(json.dumps({"model": path, **heldout_metrics(model, tokenizer, repo_path(args.eval_text))}))
-        return
-    report = batch_report(models, args)
-    output_dir = Path(repo_path(args.output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2))
-    (output_dir / "report.md").write_text(to_markdown(report))
-    print(f"report written to {output_dir / 'report.md'} and report.json")
     if args.pipeline_report:
         print(f"wrote {pipeline_report(repo_path(args.pipeline_report))}")
 

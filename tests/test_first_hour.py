@@ -182,7 +182,7 @@ def test_editing_the_code_that_builds_rows_changes_every_cache_key(tmp_path, mon
 
 def test_evaluation_and_tools_stop_with_one_line_too(tmp_path, capsys):
     import mini_qwen_eval
-    from utils import mc_eval, plot_loss
+    from utils import plot_loss
 
     def entry(main, argv):
         try:
@@ -197,6 +197,7 @@ def test_evaluation_and_tools_stop_with_one_line_too(tmp_path, capsys):
         2, [f'error: {prompts}:3: expected a JSON object with a "prompt" string'])
     assert entry(mini_qwen_eval.main, ["--model_path", str(tmp_path), "--eval_text", str(prompts)]) == (
         2, [f"error: {tmp_path}: no checkpoint there (config.json missing)"])
-    assert entry(mc_eval.main, ["--model_path", str(tmp_path), "--data", str(tmp_path)]) == (
-        2, [f"error: {tmp_path}: no CSV files there"])
+    assert entry(mini_qwen_eval.main, ["--model_path", str(tmp_path), "--benchmarks", f"ceval={tmp_path}"]) == (
+        2, [f"error: {tmp_path}: no CSV files there (ceval: one CSV per subject; `bash prepare.sh --only eval` "
+            "fetches the sets)"])
     assert entry(plot_loss.main, [str(tmp_path)]) == (2, [f"error: no trainer_state.json in {tmp_path}"])

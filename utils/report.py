@@ -34,7 +34,7 @@ from utils.throughput import human_count, human_duration
 
 HELDOUT_TEXT = "mini_data/heldout/heldout.txt"
 STAGES = ("pt", "sft", "dpo")
-EXTRA_STAGES = ("grpo",)  # listed in the pipeline card only when run (`bash run.sh grpo`)
+EXTRA_STAGES = ("grpo", "distill")  # listed in the pipeline card only when run (`bash run.sh grpo`, mini_qwen_distill.py)
 LIBRARIES = ("torch", "transformers", "trl", "accelerate", "deepspeed", "datasets", "peft", "flash-attn",
              "liger-kernel", "torchao", "tiktoken")
 
@@ -276,7 +276,8 @@ def write_stage_report(output_dir: str, stage: str, training_args, model=None, t
 
 
 def pipeline_report(results_dir: str) -> Path:
-    """<results_dir>/report.md: a row per stage (pt, sft, dpo) linking its report, and the evaluation's report."""
+    """<results_dir>/report.md: a row per stage (pt, sft, dpo) linking its report, the evaluation's report, and the
+    benchmark scores of each checkpoint when they were run."""
     results = Path(results_dir)
     lines = [f"# mini_qwen pipeline report: {results_dir}", "",
              "| stage | report | steps | tokens seen | final loss | held-out bits/byte | tokens/s (mean) | "
@@ -297,6 +298,13 @@ def pipeline_report(results_dir: str) -> Path:
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     evaluation = results / "eval" / "report.md"
     lines += ["", "Evaluation: " + ("[eval/report.md](eval/report.md)" if evaluation.is_file() else "not run")]
+    benchmarks = results / "eval" / "benchmarks" / "report.json"
+    if benchmarks.is_file():  # mini_qwen_eval.py --benchmarks: the checkpoints side by side
+        from utils.eval_harness import score_table
+
+        lines += ["", "Benchmarks, by lm-evaluation-harness's protocol "
+                  "([eval/benchmarks/report.md](eval/benchmarks/report.md)):", "",
+                  *score_table(json.loads(benchmarks.read_text(encoding="utf-8")))]
     (results / "report.md").write_text("\n".join(lines) + "\n")
     return results / "report.md"
 
