@@ -2,7 +2,7 @@
 # prepare.sh: download the real data and model files that the full mini_qwen recipe uses, with the
 # ModelScope CLI (`modelscope download`). Run `bash prepare.sh --help` for usage; `--dry-run` prints the
 # plan without touching the network. The demo configs (configs/demo_*.yaml) use mini_data/ and need nothing
-# from here. The Python packages for a GPU machine without internet: `python -m utils.deps wheels DIR`.
+# from here. The Python packages for a GPU machine without internet: `python -m tools.deps wheels DIR`.
 #
 # Resumable: every item gets a `.prepare_done` marker in its target folder once its download has succeeded
 # and been checked; items with a marker are skipped, and modelscope resumes partially downloaded files.

@@ -6,10 +6,10 @@
 #   bash run.sh grpo [--gpus N] [--bg] [--demo]   GRPO on math problems, after DPO (an extra stage, not in `all`)
 #   bash run.sh all [--gpus N] [--bg]         full recipe: PT -> SFT -> DPO -> eval report
 #   bash run.sh eval [mini_qwen_eval.py flags]
-#   bash run.sh ablation [utils/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
+#   bash run.sh ablation [tools/ablation.py flags]   the original's pt1-pt3 experiments plus pt4, overlaid
 #   bash run.sh bench [--tiny]                every GPU figure of docs/BENCHMARKS.md, one table (--tiny: CPU, tiny model)
 #   bash run.sh gpu-check                     the first thing to run on a GPU: FA2 packing, ZeRO-2's fp32 save, memory
-#                                             plan vs measured peak, tokens/s and MFU (utils/gpu_check.py, one table)
+#                                             plan vs measured peak, tokens/s and MFU (tools/gpu_check.py, one table)
 #   bash run.sh serve --model_path DIR [--port 8000] [--host H] [--api_key K]   OpenAI-compatible API on 127.0.0.1
 #                                             and a chat page at http://127.0.0.1:8000/chat
 #   bash run.sh export DIR OUT.gguf [--outtype f16|bf16|q8_0|f32]   GGUF for llama.cpp / ollama (+ OUT.Modelfile)
@@ -101,11 +101,11 @@ case $command in
   demo|all) target=$command ;;
   pt|sft|dpo|grpo) target="stage $command" ;;
   eval) target="python mini_qwen_eval.py" ;;
-  ablation) target="python -m utils.ablation" ;;
-  bench) target="python -m utils.benchmark suite" ;;
-  gpu-check) target="python -m utils.gpu_check" ;;
-  serve) target="python -m utils.serve" ;;
-  export) target="python -m utils.export_gguf" ;;
+  ablation) target="python -m tools.ablation" ;;
+  bench) target="python -m tools.benchmark suite" ;;
+  gpu-check) target="python -m tools.gpu_check" ;;
+  serve) target="python -m tools.serve" ;;
+  export) target="python -m tools.export_gguf" ;;
   -h|--help) usage 0 ;;
   *) echo "run.sh: unknown command '$command'" >&2; usage 2 ;;
 esac

@@ -6,7 +6,7 @@ from conftest import REFERENCE, REPO
 
 
 def test_ablation_runs_variants_and_writes_table_and_overlay(tmp_path):
-    from utils.ablation import main
+    from tools.ablation import main
 
     # The original's logged curves are drawn beside ours where the reference data is there (CI; not a plain clone).
     original_logs = REFERENCE / "logs" / "loss_curves_extracted.csv"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from utils.benchmark import SUITE_ROWS, flops_per_token, main, peak_flops
+from tools.benchmark import SUITE_ROWS, flops_per_token, main, peak_flops
 
 
 def test_bench_tiny_runs_every_row_in_a_process_of_its_own_and_writes_the_table(tmp_path):
@@ -25,7 +25,7 @@ def test_bench_tiny_runs_every_row_in_a_process_of_its_own_and_writes_the_table(
     assert len(measured) == len(rows) - 3  # all but Liger and the two "largest micro-batch" summaries
     for row in measured:
         assert row["tokens_per_second"] > 0 and row["parameters"] == 9_798_208 and row["mfu"] is None
-        assert row["command"].startswith("python -m utils.benchmark step ") and "--model_config models/mini_qwen_tiny" \
+        assert row["command"].startswith("python -m tools.benchmark step ") and "--model_config models/mini_qwen_tiny" \
             in row["command"]
     settings = {name: by_name[name]["settings"] for name in by_name if "settings" in by_name[name]}
     assert settings["SFT, padding-free"]["padding_free"] and not settings["SFT, padded batches"]["padding_free"]
@@ -97,7 +97,7 @@ def test_lean_recipe_reports_memory_by_kind(moments, state_bytes_per_parameter):
 
 
 def test_data_prep_under_a_memory_cap():
-    from utils.benchmark import memory_cgroup
+    from tools.benchmark import memory_cgroup
 
     try:
         memory_cgroup(1024).rmdir()

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import REFERENCE, needs_shared
-from utils.clean_sft_data import (
+from tools.clean_sft_data import (
     CODE_SPAN, RULES, CleaningOptions, NearDuplicateIndex, SftCleaner, collapse_repeated_punctuation,
     compile_filler_pattern, compile_sensitive_pattern, main, mask_sensitive, normalize_whitespace, read_word_list,
     remove_fillers,

@@ -8,7 +8,8 @@ import pytest
 from datasets import Dataset
 
 from conftest import REPO, cpu_flags
-from utils import compat, deps
+from tools import deps
+from utils import compat
 from utils.data import load_records
 from utils.errors import ConfigError, run_main
 from utils.prepare import UnitStats

@@ -9,7 +9,7 @@ from utils.data import load_records
 
 
 def test_save_mini_data_samples_rows_and_keeps_the_schema(tmp_path):
-    from utils.save_mini_data import main
+    from tools.save_mini_data import main
 
     source = REPO / "mini_data" / "sft" / "7M"
     main(["--source", str(source), "--target", str(tmp_path / "7M"), "--rows", "10", "--seed", "1"])
@@ -22,7 +22,7 @@ def test_save_mini_data_samples_rows_and_keeps_the_schema(tmp_path):
 
 
 def test_demo_view_data_prints_records_and_counts(capsys):
-    from utils.demo_view_data import main
+    from tools.demo_view_data import main
 
     main([str(REPO / "mini_data" / "dpo"), "--kind", "dpo", "-n", "1"])
     out = capsys.readouterr().out
@@ -31,7 +31,7 @@ def test_demo_view_data_prints_records_and_counts(capsys):
 
 
 def test_plot_loss_overlays_runs(tmp_path, capsys):
-    from utils.plot_loss import main
+    from tools.plot_loss import main
 
     for name, losses in (("a", [3.0, 2.0, 1.5]), ("b", [3.2, 2.5, 2.2])):
         (tmp_path / name).mkdir()

@@ -182,7 +182,7 @@ def test_editing_the_code_that_builds_rows_changes_every_cache_key(tmp_path, mon
 
 def test_evaluation_and_tools_stop_with_one_line_too(tmp_path, capsys):
     import mini_qwen_eval
-    from utils import plot_loss
+    from tools import plot_loss
 
     def entry(main, argv):
         try:

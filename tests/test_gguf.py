@@ -1,4 +1,4 @@
-"""`python -m utils.export_gguf` through llama.cpp's own converter: the GGUF loads back in transformers with the same
+"""`python -m tools.export_gguf` through llama.cpp's own converter: the GGUF loads back in transformers with the same
 logits, llama.cpp (llama-cpp-python, where installed) continues a prompt greedily as transformers does, and the
 ollama Modelfile carries the checkpoint's sampling defaults and chat template."""
 
@@ -15,7 +15,7 @@ PROMPT = "长城是中国古代的"
 
 @pytest.fixture(scope="module")
 def exported(sft_checkpoint, tmp_path_factory):
-    from utils.export_gguf import main
+    from tools.export_gguf import main
 
     gguf_path = tmp_path_factory.mktemp("gguf") / "sft.gguf"
     main([str(sft_checkpoint), str(gguf_path), "--outtype", "f32"])  # f32: the comparison below is exact-ish
@@ -57,7 +57,7 @@ def test_modelfile_has_the_checkpoints_defaults_and_chat_template(sft_checkpoint
 
 
 def test_pt_checkpoint_gets_a_bare_prompt_template(pt_checkpoint, tmp_path):
-    from utils.export_gguf import write_modelfile
+    from tools.export_gguf import write_modelfile
 
     modelfile = write_modelfile(pt_checkpoint, tmp_path / "pt.gguf").read_text()
     assert 'TEMPLATE """{{ .Prompt }}"""' in modelfile and "<|im_start|>" not in modelfile
@@ -65,7 +65,7 @@ def test_pt_checkpoint_gets_a_bare_prompt_template(pt_checkpoint, tmp_path):
 
 def test_lora_adapter_folder_is_refused_with_the_merge_command(tmp_path):
     from utils.errors import ConfigError
-    from utils.export_gguf import main
+    from tools.export_gguf import main
 
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="utils.lora merge"):

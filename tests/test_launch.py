@@ -35,7 +35,7 @@ def test_run_sh_lean_pretrains_with_the_lean_recipe(tmp_path):
 def test_gpu_check_rows_parse_as_the_stages_read_them(tmp_path):
     """run.sh gpu-check needs a GPU; its stage commands' flags are checked here through each PT row's memory plan,
     which parses every flag the training row passes and builds no model."""
-    from utils.gpu_check import command_rows
+    from tools.gpu_check import command_rows
 
     rows = dict(command_rows(tmp_path))
     assert {"fa2 packing", "dpo zero2 bf16, 5 steps", "pt single", "pt zero2 liger"} <= set(rows)

@@ -1,4 +1,4 @@
-"""`python -m utils.serve` answers the official `openai` client on loopback: chat (whole and streamed) from an SFT
+"""`python -m tools.serve` answers the official `openai` client on loopback: chat (whole and streamed) from an SFT
 checkpoint, a completion from a PT checkpoint, and 401 without the key; its chat page answers in a real browser.
 Under load and bad requests it answers 429 / 400 / 404 in OpenAI's error shape, and keeps serving."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, skip_without
-from utils import serve
+from tools import serve
 from utils.errors import ConfigError
 
 openai = pytest.importorskip("openai")
@@ -32,7 +32,7 @@ def start(checkpoint, key: str, log_file: Path, *flags: str) -> tuple[subprocess
     """The server's output goes to a file: a pipe nobody reads would block it once full."""
     port = free_port()
     with log_file.open("w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "utils.serve", "--model_path", str(checkpoint), "--port",
+        server = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model_path", str(checkpoint), "--port",
                                    str(port), "--api_key", key, "--device", "cpu", *flags], cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT)
     return server, f"http://127.0.0.1:{port}"

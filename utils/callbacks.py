@@ -17,7 +17,7 @@ from transformers.trainer_callback import ExportableState
 from utils.checkpoint import COMPLETE_MARKER, batch_geometry, checkpoint_files, complete_checkpoints
 from utils.crash_safety import CrashSafetyArguments, global_batch
 from utils.disk import warn_if_low
-from utils.plot_loss import plot_runs
+from utils.plots import plot_runs
 from utils.throughput import batch_token_counts, flops_per_token, human_count, human_duration, peak_flops
 
 logger = logging.getLogger("mini_qwen")

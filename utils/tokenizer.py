@@ -180,7 +180,7 @@ def pretraining_encoder(tokenizer: PreTrainedTokenizerBase, threads: int | None 
     when TOKENIZERS_PARALLELISM is off, else up to 8; preparation workers pass 1 (they are the parallelism).
 
     tiktoken runs the same byte-level BPE about 3x faster than the tokenizer's own Rust backend on one core
-    (`python -m utils.benchmark data_prep`, docs/BENCHMARKS.md), so it is used when it reproduces the tokenizer's
+    (`python -m tools.benchmark data_prep`, docs/BENCHMARKS.md), so it is used when it reproduces the tokenizer's
     ids on a probe text; otherwise (another vocabulary, a tokenizer without NFC) the tokenizer's backend is used.
     """
     backend = tokenizer.backend_tokenizer

@@ -1,9 +1,9 @@
 """The dependency lock: constraints.txt holds the exact version of every package the repo installs (torch aside),
 the set the test suite ran with. Three commands own it:
 
-    python -m utils.deps lock            # rewrite constraints.txt from the newest releases requirements.txt admits
-    python -m utils.deps check-latest    # the suite in a throwaway venv with the newest releases; what moved
-    python -m utils.deps wheels DIR      # the locked wheels, for a GPU machine without internet
+    python -m tools.deps lock            # rewrite constraints.txt from the newest releases requirements.txt admits
+    python -m tools.deps check-latest    # the suite in a throwaway venv with the newest releases; what moved
+    python -m tools.deps wheels DIR      # the locked wheels, for a GPU machine without internet
 
 `lock` and `check-latest` build a fresh venv in a temporary folder: torch==2.13.0 (the CPU build; torch is the one
 package left to the user, who installs the CUDA build that fits their driver), then `pip install -r
@@ -78,7 +78,7 @@ def lock(args) -> None:
     with tempfile.TemporaryDirectory(prefix="mini-qwen-lock-") as folder:
         pins = frozen(newest_venv(Path(folder)))
     lines = ["# The tested set: every package the repo installs, exact (torch aside: install the build that fits your",
-             "# machine first). Written by `python -m utils.deps lock`; install with",
+             "# machine first). Written by `python -m tools.deps lock`; install with",
              "#   pip install torch==2.13.0 && pip install -r requirements.txt -c constraints.txt",
              *(f"{name}=={version}" for name, version in sorted(pins.items(), key=lambda item: normalise(item[0]))),
              "# GPU-only (requirements-gpu.txt): the newest releases when locked, not run by the CPU test suite",
@@ -106,7 +106,7 @@ def wheels(args) -> None:
     pins = [f"{name}=={version}" for name, version in locked_versions().items()
             if not TORCH_STACK.match(name) and name != "flash-attn"]
     if not pins:
-        raise ConfigError(f"{CONSTRAINTS} is missing or empty: run python -m utils.deps lock")
+        raise ConfigError(f"{CONSTRAINTS} is missing or empty: run python -m tools.deps lock")
     install = (f"pip install --no-index --find-links {args.folder} -r requirements.txt -r requirements-gpu.txt "
                "-c constraints.txt  # flash-attn: pip install flash-attn --no-build-isolation, with its CUDA toolkit")
     if args.dry_run:

@@ -1,7 +1,7 @@
 """Print a few normalised records of any dataset, with the skip counts: what a stage will actually see.
 
-    python -m utils.demo_view_data mini_data/sft --kind sft
-    python -m utils.demo_view_data data/pt/news_media/chinese/high --kind pt -n 2
+    python -m tools.demo_view_data mini_data/sft --kind sft
+    python -m tools.demo_view_data data/pt/news_media/chinese/high --kind pt -n 2
 """
 
 import argparse

@@ -3,7 +3,7 @@ transformers' AsyncTextIteratorStreamer, the checkpoint folder loaded offline, b
 otherwise, with an optional key.
 
     bash run.sh serve --model_path results/dpo [--port 8000]
-    python -m utils.serve --model_path results/dpo --host 0.0.0.0 --api_key "$KEY"   # reachable from elsewhere
+    python -m tools.serve --model_path results/dpo --host 0.0.0.0 --api_key "$KEY"   # reachable from elsewhere
 
 SFT and DPO checkpoints answer `POST /v1/chat/completions` with the chat template saved inside them; a PT checkpoint
 continues text at `POST /v1/completions`; both stream (`"stream": true`) or answer whole. Decoding defaults are the
@@ -22,7 +22,7 @@ Every refusal has OpenAI's error shape, `{"error": {"message", "type", "param", 
 turns into its exceptions: 400 for a bad request (FastAPI's own 422 included), 401 for a wrong key, 404 for an
 unknown model or path, 429 when the queue is full; a bad request leaves no traceback in the log, only a bug does.
 
-The chat page, http://127.0.0.1:8000/chat, is one self-contained HTML file (utils/chat_page.html) that talks to this
+The chat page, http://127.0.0.1:8000/chat, is one self-contained HTML file (tools/chat_page.html) that talks to this
 server's own `/v1/chat/completions`, streamed. Why not Gradio: the page needs nothing beyond this server (no second
 process, no extra dependency, no CDN fonts or scripts, which an offline GPU box cannot fetch), and what it sends is
 exactly what any OpenAI client sends, so the page, the `openai` client and vLLM behave alike. Its defaults

@@ -1,7 +1,7 @@
 """A checkpoint folder as one GGUF file for llama.cpp, llama-cpp-python, LM Studio and ollama, converted by llama.cpp's
 own `convert_hf_to_gguf.py`, with an ollama Modelfile beside it (results/dpo.gguf -> results/dpo.Modelfile).
 
-    python -m utils.export_gguf results/dpo results/dpo.gguf [--outtype f16|bf16|q8_0|f32]
+    python -m tools.export_gguf results/dpo results/dpo.gguf [--outtype f16|bf16|q8_0|f32]
     bash run.sh export results/dpo results/dpo.gguf --outtype q8_0
 
     llama-cli -m results/dpo.gguf -cnv                 # llama.cpp: chat with the GGUF's own chat template

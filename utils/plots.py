@@ -1,13 +1,7 @@
-"""Loss curves as PNG: one run's trainer_state.json, or several runs overlaid on one chart (the original's
-scaling-law figure).
+"""Loss curves as PNG from the Trainer's log_history: the stages draw their own at the end of a run, and
+`python -m tools.plot_loss` draws one run or overlays several."""
 
-    python -m utils.plot_loss results/pt                       # -> results/pt/loss.png
-    python -m utils.plot_loss results/pt1 results/pt2 --x tokens --out results/pt_compare.png
-"""
-
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils.errors import MissingInputError, run_main  # noqa: E402
+from utils.errors import MissingInputError  # noqa: E402
 
 
 def read_log_history(run: str | Path) -> list[dict]:
@@ -67,22 +61,3 @@ def plot_runs(runs: dict[str, list[dict]], out: str | Path, keys: tuple[str, ...
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders (or trainer_state.json files)")
-    parser.add_argument("--keys", nargs="+", default=["loss"], help="logged values to draw, e.g. loss eval_loss")
-    parser.add_argument("--x", choices=["step", "tokens", "epoch"], default="step")
-    parser.add_argument("--out", help="PNG path (default: <run>/loss.png for one run)")
-    args = parser.parse_args(argv)
-    if not args.out and len(args.runs) > 1:
-        parser.error("--out is required with several runs")
-    out = args.out or str(Path(args.runs[0]) / "loss.png")
-    runs = {Path(run).name: read_log_history(run) for run in args.runs}
-    path = plot_runs(runs, out, tuple(args.keys), args.x)
-    print(f"wrote {path}" if path else "nothing to plot")
-
-
-if __name__ == "__main__":
-    run_main(main, sys.argv[1:])

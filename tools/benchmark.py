@@ -1,22 +1,22 @@
 """Measure what a training stage costs: tokens/s per device, MFU, peak memory, step-time spread; and the data prep.
 
     # one GPU, the real 1B config, our recipe vs. the original's, one JSON line + one Markdown row each
-    python -m utils.benchmark step --stage pt --recipe ours --steps 20
-    python -m utils.benchmark step --stage pt --recipe original --steps 20
-    python -m utils.benchmark step --stage sft --padding_free            # vs. without the flag: padded batches
-    python -m utils.benchmark step --stage dpo --precompute_ref            # vs. a reference forward every step
+    python -m tools.benchmark step --stage pt --recipe ours --steps 20
+    python -m tools.benchmark step --stage pt --recipe original --steps 20
+    python -m tools.benchmark step --stage sft --padding_free            # vs. without the flag: padded batches
+    python -m tools.benchmark step --stage dpo --precompute_ref            # vs. a reference forward every step
     # CPU: tokenize + pack throughput of our streaming pipeline vs. the original's datasets.map approach
-    python -m utils.benchmark data_prep --corpus mini_data/pt --repeat 20
-    python -m utils.benchmark data_prep --pipelines ours --workers 1 2 --repeat 200   # 1 vs 2 worker processes
-    python -m utils.benchmark data_prep --stage sft --corpus mini_data/sft --repeat 40 --workers 1 2
+    python -m tools.benchmark data_prep --corpus mini_data/pt --repeat 20
+    python -m tools.benchmark data_prep --pipelines ours --workers 1 2 --repeat 200   # 1 vs 2 worker processes
+    python -m tools.benchmark data_prep --stage sft --corpus mini_data/sft --repeat 40 --workers 1 2
     # the lean preset's loss curve against full precision (any PT flags after the options go to both runs)
-    python -m utils.benchmark lean_curve --config configs/demo_pt.yaml --max_steps 200
+    python -m tools.benchmark lean_curve --config configs/demo_pt.yaml --max_steps 200
 
 The step benchmark drives the model and optimizer directly on synthetic token ids (the data pipeline is measured
 separately by `data_prep`): forward with loss, backward, clip, AdamW step. It exists for comparisons the stage
 scripts refuse to run (the original's bf16 weights under plain AdamW) and for isolated kernel choices; it does not
 see what a stage adds (its collator, TRL's fused head, DeepSpeed, the callbacks). The stages' own speed and memory,
-as users get them, come from the stage scripts themselves: `bash run.sh gpu-check` (utils/gpu_check.py) runs them
+as users get them, come from the stage scripts themselves: `bash run.sh gpu-check` (tools/gpu_check.py) runs them
 with `--max_steps` and reads the throughput callback's tokens/s, MFU and peak memory. Presets:
 - `--recipe original`: bf16 weights updated in place by AdamW (the original's single-GPU numerics), sdpa or its
   flash-attention choice, micro-batch 12, block 1024, the full-logits loss.
@@ -346,7 +346,7 @@ def data_prep_benchmark(args) -> list[dict]:
     try:
         for which, workers in runs:
             output = subprocess.run(
-                [sys.executable, "-m", "utils.benchmark", "_prep_child", which, str(work / "corpus.parquet"),
+                [sys.executable, "-m", "tools.benchmark", "_prep_child", which, str(work / "corpus.parquet"),
                  str(args.block_size), str(work / which), str(workers)], capture_output=True, text=True, cwd=REPO_ROOT,
                 preexec_fn=(lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None)
             if output.returncode:
@@ -376,7 +376,7 @@ def lean_curve_benchmark(args) -> dict:
     """The same PT run twice, full precision and with the lean preset's numerics, and how far apart their loss
     curves are: the largest relative gap between their `--window`-step means, and the final window's gap; and each
     run's held-out bits per byte from its report card."""
-    from utils.plot_loss import plot_runs, read_log_history
+    from utils.plots import plot_runs, read_log_history
 
     output_dir = Path(repo_path(args.output_dir))
     histories, curves, heldout = {}, {}, {}
@@ -475,7 +475,7 @@ def suite(args) -> list[dict]:
 
     def measure(name: str, flags: list[str]) -> dict:
         argv = [*flags, *tiny, *args.step_flags]
-        result = {"name": name, "command": shlex.join(["python", "-m", "utils.benchmark", "step", *argv]),
+        result = {"name": name, "command": shlex.join(["python", "-m", "tools.benchmark", "step", *argv]),
                   **run_row(argv, args.row_timeout)}
         rows.append(result)
         outcome = result.get("error") or f"{result['tokens_per_second']:,} tokens/s"

@@ -1,7 +1,7 @@
 """The original's pretraining experiments, repeatable: pt1-pt3 as it ran them, plus pt4.
 
     bash run.sh ablation                                   # mini_data, tiny model, CPU: a few minutes
-    python -m utils.ablation --data_root data/pt --config configs/pt.yaml --max_steps 2000 --output_dir results/ablation
+    python -m tools.ablation --data_root data/pt --config configs/pt.yaml --max_steps 2000 --output_dir results/ablation
 
 | run | data | packing | what it tests |
 |---|---|---|---|
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from utils.config import repo_path, run_stage
 from utils.errors import MissingInputError, run_main
-from utils.plot_loss import plot_runs, read_log_history
+from utils.plots import plot_runs, read_log_history
 
 RUNS = {
     "pt1": ("zh", "none"),

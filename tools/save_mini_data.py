@@ -1,8 +1,8 @@
 """Rebuild a mini data set by sampling rows from the full datasets that prepare.sh downloads, keeping each
 source file's schema (so the demo keeps exercising the real loading code).
 
-    python -m utils.save_mini_data --source data/sft/7M --target my_mini_data/sft/7M --rows 100
-    python -m utils.save_mini_data --source data/pt/news_media/chinese/high --target my_mini_data/pt/news_media/chinese/high
+    python -m tools.save_mini_data --source data/sft/7M --target my_mini_data/sft/7M --rows 100
+    python -m tools.save_mini_data --source data/pt/news_media/chinese/high --target my_mini_data/pt/news_media/chinese/high
 
 Rows are drawn uniformly (seeded) across all parquet files of --source and written to one parquet file.
 """

@@ -10,7 +10,7 @@ results/gpu_check/gpu_check.md, a failed row saying why:
    repo's mini data, on each launcher that fits one GPU (plain python, DeepSpeed ZeRO-2 with one process);
 4. tokens/s and MFU of those runs (the throughput callback's numbers), with and without Liger's kernels.
 
-    python -m utils.gpu_check [--output_dir results/gpu_check] [--dry_run]
+    python -m tools.gpu_check [--output_dir results/gpu_check] [--dry_run]
 """
 
 import argparse
@@ -69,7 +69,7 @@ def command_rows(output_dir: Path) -> list[tuple[str, list[str]]]:
            "--output_dir", str(output_dir / "dpo_zero2"), "--cache_dir", str(output_dir / "cache"), "--bf16", "true",
            "--use_cpu", "false", "--learning_rate", "5e-7", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
            "--max_steps", "5", "--report_to", "none", "--save_strategy", "no"]
-    rows = [("fa2 packing", [*python, "-m", "utils.gpu_check", "--fa2_packing"]),
+    rows = [("fa2 packing", [*python, "-m", "tools.gpu_check", "--fa2_packing"]),
             ("sft checkpoint for dpo", [*python, *sft]),
             ("dpo zero2 prepare", [*python, *dpo, "--prepare_only"]),
             ("dpo zero2 bf16, 5 steps", [*launch, *dpo])]

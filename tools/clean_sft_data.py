@@ -1,6 +1,6 @@
 """SFT data cleaning (seed 002): tidy, filter and de-duplicate SFT conversations into one jsonl the stages read.
 
-    python -m utils.clean_sft_data INPUT... --output cleaned.jsonl [--report report.md]
+    python -m tools.clean_sft_data INPUT... --output cleaned.jsonl [--report report.md]
         [--filler-words FILE] [--sensitive-words FILE] [--sensitive-action drop|mask]
         [--min-chars N] [--max-chars N] [--near-dup-threshold 0.85] [--examples 3]
 

@@ -1,0 +1,2 @@
+"""Command-line programs: each runs as `python -m tools.NAME` and imports the library (utils/); nothing in utils/
+imports them."""
