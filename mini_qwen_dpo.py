@@ -18,36 +18,36 @@
     python mini_qwen_dpo.py --config configs/dpo.yaml --method orpo --learning_rate 5e-6
     python mini_qwen_dpo.py --config configs/dpo.yaml --method simpo --beta 2.0 --simpo_gamma 1.0
     python mini_qwen_dpo.py --config configs/dpo.yaml --method kto
-    # a reward model (a score head on the SFT model), its accuracy on held-out pairs in the report
-    python mini_qwen_dpo.py --config configs/dpo.yaml --method rm --learning_rate 1e-5 --output_dir results/rm
+
+A reward model on the same pairs is a stage of its own: mini_qwen_rm.py.
 
 Weights stay float32 under bf16 autocast: the original's lr 5e-7 updates on bf16 weights were rounded away.
 Pairs with identical answers, empty answers or a prompt over max_prompt_length are counted and left out.
-Every YAML key is also a --flag; with --method other than dpo, the flags are those of that method's TRL config,
-and the recipe's DPO-only keys are left out (they are printed).
+Every YAML key is also a --flag; with --method other than dpo, the flags are those of that method's TRL config:
+the recipe's DPO-only keys are not used (the parser prints them), and the same keys given as flags are refused.
 """
 
-import random
 import sys
 from dataclasses import dataclass, field, fields
 
 import utils  # noqa: F401  (first: it silences import-time noise, see utils/__init__.py)
 import pyarrow as pa
 from datasets import Features, List, Value
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.data_utils import common_prefix_length
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from utils.chat import ChatTokens
 from utils.compat import require
-from utils.config import parse_stage_args, recipe_value, repo_path, start_run, without_recipe_keys
+from utils.config import parse_stage_args, recipe_value, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
 from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
 from utils.errors import ConfigError, run_main
-from utils.modeling import build_model, build_reward_model, score_only_labelled_positions_on_cpu
+from utils.modeling import build_model, score_only_labelled_positions_on_cpu
 from utils.muon import MuonArguments, muon_optimizer
 from utils.lora import apply_lora
+from utils.preference import preference_conversations
 from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare_or_load,
                            tokenizer_fingerprint)
 from utils.throughput import ThroughputArguments
@@ -60,8 +60,9 @@ from utils.training import (before_training, load_if_finished, save_and_report, 
 # simpo is CPO's loss_type "simpo" with CPO's NLL term off (cpo_alpha 0: the SimPO paper's loss); CPO itself is
 # `--method simpo --cpo_alpha 1.0 --loss_type sigmoid`.
 METHODS = {"dpo": (DPOConfig, DPOTrainer), "orpo": (ORPOConfig, ORPOTrainer), "simpo": (CPOConfig, CPOTrainer),
-           "kto": (KTOConfig, KTOTrainer), "rm": (RewardConfig, RewardTrainer)}
-METHOD_DEFAULTS = {"simpo": ["--loss_type", "simpo", "--cpo_alpha", "0"]}
+           "kto": (KTOConfig, KTOTrainer)}
+# Set before the command line's flags, so a flag still wins; the recipe's loss_type is DPOTrainer's and never these.
+METHOD_DEFAULTS = {"simpo": ["--loss_type", "simpo", "--cpo_alpha", "0"], "kto": ["--loss_type", "kto"]}
 
 
 @dataclass
@@ -73,8 +74,6 @@ class DPOScriptArguments(DataArguments, ThroughputArguments, MuonArguments):
     max_prompt_length: int = field(default=512, metadata={"help": "pairs whose prompt is longer are left out"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto | sdpa | eager | flash_attention_2"})
     method: str = field(default="dpo", metadata={"help": f"{' | '.join(METHODS)}: the preference method"})
-    heldout_fraction: float = field(default=0.1, metadata={
-        "help": "--method rm: share of the pairs held out to measure the reward model's accuracy on"})
 
 
 def preference_preparation(files, tokenizer, script_args, training_args, key) -> Preparation:
@@ -104,37 +103,6 @@ def preference_preparation(files, tokenizer, script_args, training_args, key) ->
     return Preparation("dpo", files, key, shape, schema, Features({c: List(Value("int32")) for c in columns}))
 
 
-MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-MESSAGES_FEATURE = List({"role": Value("string"), "content": Value("string")})
-
-
-def conversation_preparation(files, tokenizer, script_args, max_length, key) -> Preparation:
-    """Normalised pairs (or KTO's unpaired replies) as conversations, for the methods whose TRL trainers tokenize
-    themselves; a prompt over max_prompt_length is left out here too, so that none loses its answer."""
-    kto = script_args.method == "kto"
-
-    def tokens(messages, **kwargs) -> int:
-        return len(tokenizer.apply_chat_template(messages, return_dict=True, **kwargs)["input_ids"])
-
-    def shape(row, stats):
-        length = tokens(row["prompt"], add_generation_prompt=True)
-        if length > script_args.max_prompt_length:
-            raise SkipRecord(f"prompt longer than max_prompt_length={script_args.max_prompt_length}")
-        if script_args.method == "rm" and max_length and max(
-                tokens(row["prompt"] + row[side]) for side in ("chosen", "rejected")) > max_length:
-            # RewardTrainer would drop such a pair without a count; it is counted here instead
-            raise SkipRecord(f"prompt + answer longer than max_length={max_length}")
-        stats.tokens += length
-        return row
-
-    answers = ("completion",) if kto else ("chosen", "rejected")
-    columns = [("prompt", MESSAGES), *((column, MESSAGES) for column in answers)] + ([("label", pa.bool_())] * kto)
-    features = {"prompt": MESSAGES_FEATURE, **{column: MESSAGES_FEATURE for column in answers}}
-    if kto:
-        features["label"] = Value("bool")
-    return Preparation("kto" if kto else "dpo", files, key, shape, pa.schema(columns), Features(features))
-
-
 class PreparedDPOTrainer(SkipSamplesMixin, DPOTrainer):
     """DPOTrainer on rows that utils.prepare tokenized as TRL would: TRL 1.16 has no switch to skip its own
     tokenization, which would repeat the work on the main process while every other rank waits in a barrier.
@@ -153,9 +121,9 @@ def prepare_dataset(script_args, tokenizer, training_args, logger):
         key.update(max_length=training_args.max_length, truncation_mode=training_args.truncation_mode)
         preparation = preference_preparation(files, tokenizer, script_args, training_args, key)
     else:
-        key.update(rows="conversations" if script_args.method != "kto" else "unpaired",
-                   max_length=training_args.max_length if script_args.method == "rm" else None)
-        preparation = conversation_preparation(files, tokenizer, script_args, training_args.max_length, key)
+        unpaired = script_args.method == "kto"
+        key.update(rows="unpaired" if unpaired else "conversations", max_length=None)
+        preparation = preference_conversations(files, tokenizer, key, script_args.max_prompt_length, unpaired)
     dataset, report = prepare_or_load(preparation, repo_path(script_args.cache_dir), script_args.data_workers,
                                       training_args.world_size, script_args.min_kept_fraction)
     logger.info(SkipCounter.from_dict(report["records"]).report(f"preference data ({len(files)} files)"))
@@ -169,22 +137,10 @@ def parse_method_args(argv: list[str]):
     if method not in METHODS:
         raise ConfigError(f"unknown --method {method!r}: one of {', '.join(METHODS)}")
     config_class = METHODS[method][0]
-    if method != "dpo":
-        # The DPO recipe's keys that this method's config lacks, and loss_type, whose values are DPOTrainer's.
-        dpo_only = {f.name for f in fields(DPOConfig)} - {f.name for f in fields(config_class)} | {"loss_type"}
-        argv = without_recipe_keys(argv, dpo_only, f"DPO-only settings, not used by --method {method}")
-        argv = METHOD_DEFAULTS.get(method, []) + argv  # flags given later win
-    return parse_stage_args(DPOScriptArguments, config_class, argv)
-
-
-def hold_out(dataset, fraction: float, seed: int):
-    """(train, held-out) pairs: a seeded random share `fraction` of the rows, at least one."""
-    order = list(range(len(dataset)))
-    random.Random(seed).shuffle(order)
-    count = max(1, round(fraction * len(order)))
-    if count >= len(order):
-        raise ConfigError(f"heldout_fraction={fraction} leaves no pairs to train on ({len(order)} in all)")
-    return dataset.select(sorted(order[count:])), dataset.select(sorted(order[:count]))
+    # The DPO recipe's keys that this method's config lacks: not used, and said so (utils.config.parse_config).
+    dpo_only = {f.name for f in fields(DPOConfig)} - {f.name for f in fields(config_class)}
+    return parse_stage_args(DPOScriptArguments, config_class, METHOD_DEFAULTS.get(method, []) + argv,
+                            unused_recipe_keys=(dpo_only, f"DPO-only settings, not used by --method {method}"))
 
 
 def main(argv: list[str] | None = None):
@@ -195,8 +151,6 @@ def main(argv: list[str] | None = None):
         require("dpo_prepare_dataset")
     logger = start_run(training_args, tracker_args)
     score_only_labelled_positions_on_cpu()
-    if method == "rm" and lora_args.use_peft:
-        raise ConfigError("--method rm trains a new score head on the whole model; LoRA is not supported there")
 
     init_from = repo_path(script_args.init_from)
     tokenizer = load_stage_tokenizer(repo_path(script_args.tokenizer_path), init_from, script_args.prepare_only)
@@ -204,23 +158,16 @@ def main(argv: list[str] | None = None):
     if script_args.prepare_only:
         return
 
-    eval_dataset = None
-    if method == "rm":
-        train_dataset, eval_dataset = hold_out(train_dataset, script_args.heldout_fraction, training_args.seed)
-        logger.info("reward model: %d pairs to train on, %d held out", len(train_dataset), len(eval_dataset))
-        model = build_reward_model(init_from, tokenizer, script_args.attn_implementation, training_args.seed)
-    else:
-        model = build_model(None, init_from, script_args.attn_implementation, training_args.seed,
-                            tokenizer=tokenizer)
-        model = apply_lora(model, lora_args, logger)
+    model = build_model(None, init_from, script_args.attn_implementation, training_args.seed, tokenizer=tokenizer)
+    model = apply_lora(model, lora_args, logger)
 
-    plot_keys = {"rm": ("loss", "accuracy", "margin"), "kto": ("loss", "rewards/chosen", "rewards/rejected", "kl"),
+    plot_keys = {"kto": ("loss", "rewards/chosen", "rewards/rejected", "kl"),
                  "orpo": ("loss", "nll_loss", "log_odds_ratio", "rewards/accuracies")}
     callbacks = stage_callbacks(crash_args, plot_keys.get(method, ("loss", "rewards/accuracies", "rewards/margins")),
                                 script_args)
     trainer_class = PreparedDPOTrainer if method == "dpo" else type(
         f"Skipping{METHODS[method][1].__name__}", (SkipSamplesMixin, METHODS[method][1]), {})
-    # TRL builds the frozen reference itself (or disables the adapters under LoRA); ORPO, SimPO and RM have none.
+    # TRL builds the frozen reference itself (or disables the adapters under LoRA); ORPO and SimPO have none.
     reference = {"ref_model": None} if method in ("dpo", "kto") else {}
     trainer = trainer_class(
         skip_samples=crash_args.skip_samples,
@@ -228,23 +175,15 @@ def main(argv: list[str] | None = None):
         **reference,
         args=training_args,
         train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
     muon_optimizer(trainer, script_args)
     checkpoint = before_training(trainer)
-    before = trainer.evaluate() if eval_dataset is not None and not checkpoint else None
     if not load_if_finished(trainer, checkpoint):
         trainer.train(resume_from_checkpoint=checkpoint)
     stop_if_interrupted(trainer, method)
-    if eval_dataset is not None:
-        after = trainer.evaluate()
-        if before:  # train() starts a new log history: the starting point goes back to its front
-            trainer.state.log_history.insert(0, {**before, "step": 0})
-        logger.info("reward model on %d held-out pairs: accuracy %s -> %.3f", len(eval_dataset),
-                    f"{before['eval_accuracy']:.3f}" if before else "(resumed)", after["eval_accuracy"])
-    save_and_report(trainer, tokenizer, method, score_heldout_text=method != "rm")
+    save_and_report(trainer, tokenizer, method)
 
 
 if __name__ == "__main__":

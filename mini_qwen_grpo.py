@@ -7,7 +7,7 @@
     python mini_qwen_grpo.py --config configs/grpo.yaml --init_from results/sft
     # N GPUs, DeepSpeed ZeRO-2
     accelerate launch --config_file accelerate_config.yaml --num_processes 8 mini_qwen_grpo.py --config configs/grpo.yaml
-    # LoRA; a reward model (mini_qwen_dpo.py --method rm) as a third reward
+    # LoRA; a reward model (mini_qwen_rm.py) as a third reward
     python mini_qwen_grpo.py --config configs/grpo.yaml --use_peft true
     python mini_qwen_grpo.py --config configs/grpo.yaml --reward_funcs correct_answer answer_format results/rm
 

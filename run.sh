@@ -2,7 +2,7 @@
 # The mini_qwen pipeline, in order. Each stage starts only after the one it depends on has finished.
 #
 #   bash run.sh demo [--gpus N]               tiny CPU run: PT -> SFT -> DPO -> eval report (a few minutes)
-#   bash run.sh pt|sft|dpo [--gpus N] [--bg] [extra --flags for the stage]
+#   bash run.sh pt|sft|dpo|rm [--gpus N] [--bg] [extra --flags for the stage]
 #   bash run.sh grpo [--gpus N] [--bg] [--demo]   GRPO on math problems, after DPO (an extra stage, not in `all`)
 #   bash run.sh all [--gpus N] [--bg]         full recipe: PT -> SFT -> DPO -> eval report
 #   bash run.sh eval [mini_qwen_eval.py flags]
@@ -99,7 +99,7 @@ all() {
 
 case $command in
   demo|all) target=$command ;;
-  pt|sft|dpo|grpo) target="stage $command" ;;
+  pt|sft|dpo|rm|grpo) target="stage $command" ;;
   eval) target="python mini_qwen_eval.py" ;;
   ablation) target="python -m tools.ablation" ;;
   bench) target="python -m tools.benchmark suite" ;;

@@ -4,19 +4,21 @@ import json
 
 import pytest
 from transformers import TrainingArguments
-from trl import DPOConfig, GRPOConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 
 from conftest import REFERENCE, REPO, needs_shared
 from mini_qwen_dpo import DPOScriptArguments
 from mini_qwen_grpo import GRPOScriptArguments
 from mini_qwen_pt import PretrainArguments
+from mini_qwen_rm import RewardScriptArguments
 from mini_qwen_sft import SFTScriptArguments
 from utils.config import parse_config
 from utils.crash_safety import CrashSafetyArguments
 from utils.lora import LoraArguments
 
 STAGES = {"pt": (PretrainArguments, TrainingArguments), "sft": (SFTScriptArguments, SFTConfig),
-          "dpo": (DPOScriptArguments, DPOConfig), "grpo": (GRPOScriptArguments, GRPOConfig)}
+          "dpo": (DPOScriptArguments, DPOConfig), "rm": (RewardScriptArguments, RewardConfig),
+          "grpo": (GRPOScriptArguments, GRPOConfig)}
 
 
 def parse(stage: str, config: str, *flags: str):
@@ -36,18 +38,20 @@ def test_every_recipe_parses(stage, prefix):
     assert training_args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
 
 
-@pytest.mark.parametrize("method, config_name", [("orpo", "ORPOConfig"), ("simpo", "CPOConfig"),
-                                                 ("kto", "KTOConfig"), ("rm", "RewardConfig")])
-def test_dpo_recipe_runs_every_method_without_its_dpo_only_keys(method, config_name, capsys):
+@pytest.mark.parametrize("method, config_name, loss_type", [("orpo", "ORPOConfig", None),
+                                                            ("simpo", "CPOConfig", "simpo"), ("kto", "KTOConfig", "kto")])
+def test_dpo_recipe_runs_every_method_without_its_dpo_only_keys(method, config_name, loss_type, capsys):
     from mini_qwen_dpo import parse_method_args
 
     flags = ["--config", str(REPO / "configs" / "dpo.yaml"), "--bf16", "false", "--use_cpu", "true"]
     script_args, *_, training_args = parse_method_args([*flags, "--method", method])
     assert type(training_args).__name__ == config_name and script_args.method == method
     assert training_args.learning_rate == 5e-7 and training_args.max_length == 1024  # the recipe's shared keys
-    assert "loss_type" in capsys.readouterr().err  # DPO's loss types: left out, and said so
-    if method == "simpo":
-        assert training_args.loss_type == "simpo" and training_args.cpo_alpha == 0
+    left_out = capsys.readouterr().err
+    assert "truncation_mode" in left_out  # a DPO-only recipe key: left out, and said so
+    # DPOTrainer's loss_type: left out where the method has none, replaced by the method's own where it has one
+    assert ("loss_type" in left_out) == (loss_type is None)
+    assert getattr(training_args, "loss_type", None) == loss_type
     with pytest.raises(ValueError, match="loss_weights"):  # a DPO-only flag given on purpose: refused, not dropped
         parse_method_args([*flags, "--method", method, "--loss_weights", "1.0"])
 

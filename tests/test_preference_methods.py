@@ -1,6 +1,7 @@
 """The DPO stage's other losses and methods on the repo's preference pairs, each a recipe flag: TRL's DPO loss
 family (alone and weighted together), ORPO, SimPO and KTO (from pairs, and from prompt/completion/label and
-messages/label files), and a reward model with its held-out accuracy that GRPO then uses as a reward.
+messages/label files); and the reward-model stage on the same pairs, with its held-out accuracy, that GRPO then uses
+as a reward.
 
 At the first step the policy is its own reference (DPO, KTO): every log-ratio is 0, so each family's loss has a value
 of its own, from its formula; ORPO's and SimPO's losses are checked against the terms they log beside it."""
@@ -17,11 +18,12 @@ from conftest import REPO, cpu_flags
 BETA = 0.1
 
 
-def run(method_flags: list[str], init_from, tmp_path, *extra: str) -> list[dict]:
-    from mini_qwen_dpo import main
+def run(method_flags: list[str], init_from, tmp_path, *extra: str, stage: str = "dpo") -> list[dict]:
+    from mini_qwen_dpo import main as dpo
+    from mini_qwen_rm import main as rm
 
-    beta = [] if "rm" in method_flags else ["--beta", str(BETA)]  # a reward model has no beta
-    main(["--config", str(REPO / "configs" / "demo_dpo.yaml"), *cpu_flags(tmp_path / "out", tmp_path / "cache"),
+    main, beta = (dpo, ["--beta", str(BETA)]) if stage == "dpo" else (rm, [])  # a reward model has no beta
+    main(["--config", str(REPO / "configs" / f"demo_{stage}.yaml"), *cpu_flags(tmp_path / "out", tmp_path / "cache"),
           "--init_from", str(init_from), "--learning_rate", "1e-4", "--lr_scheduler_type", "constant",
           "--warmup_steps", "0", "--max_length", "128", "--save_strategy", "no", *beta, *method_flags, *extra])
     return json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
@@ -93,8 +95,8 @@ def test_kto_reads_labelled_replies_and_starts_at_half(sft_checkpoint, tmp_path)
 def test_reward_model_reports_heldout_accuracy_and_scores_grpo(sft_checkpoint, tmp_path):
     from mini_qwen_grpo import main as grpo
 
-    history = run(["--method", "rm", "--heldout_fraction", "0.2"], sft_checkpoint, tmp_path / "rm",
-                  "--per_device_train_batch_size", "4", "--max_steps", "4")
+    history = run(["--heldout_fraction", "0.2"], sft_checkpoint, tmp_path / "rm",
+                  "--per_device_train_batch_size", "4", "--max_steps", "4", stage="rm")
     evaluations = [entry["eval_accuracy"] for entry in history if "eval_accuracy" in entry]
     assert len(evaluations) == 2  # before and after training, on the same held-out pairs
     report = json.loads((tmp_path / "rm" / "out" / "report.json").read_text())

@@ -10,11 +10,13 @@ import yaml
 import mini_qwen_dpo
 import mini_qwen_grpo
 import mini_qwen_pt
+import mini_qwen_rm
 import mini_qwen_sft
 from conftest import REPO, cpu_flags
 from utils.errors import ConfigError, run_main
 
-MAINS = {"pt": mini_qwen_pt.main, "sft": mini_qwen_sft.main, "dpo": mini_qwen_dpo.main, "grpo": mini_qwen_grpo.main}
+MAINS = {"pt": mini_qwen_pt.main, "sft": mini_qwen_sft.main, "dpo": mini_qwen_dpo.main, "rm": mini_qwen_rm.main,
+         "grpo": mini_qwen_grpo.main}
 
 BAD = [  # (stage, flags, what the one line must say)
     ("pt", ["--block_size", "0"], "--block_size 0: must be >= 2"),  # was a ZeroDivisionError while packing
@@ -45,7 +47,7 @@ BAD = [  # (stage, flags, what the one line must say)
     ("sft", ["--learnig_rate", "1e-4"], "unknown flag --learnig_rate: did you mean --learning_rate?"),
     ("dpo", ["--beta", "0"], "--beta 0.0: must be > 0"),
     ("dpo", ["--max_prompt_length", "0"], "--max_prompt_length 0: must be >= 1"),
-    ("dpo", ["--heldout_fraction", "1"], "--heldout_fraction 1.0: must be in (0, 1)"),
+    ("rm", ["--heldout_fraction", "1"], "--heldout_fraction 1.0: must be in (0, 1)"),
     ("dpo", ["--label_smoothing", "0.5"], "--label_smoothing 0.5: must be in [0, 0.5)"),
     ("dpo", ["--adam_beta1", "-0.1"], "--adam_beta1 -0.1: must be in [0, 1)"),
     ("grpo", ["--num_generations", "1"], "--num_generations 1: must be >= 2"),

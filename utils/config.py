@@ -5,14 +5,12 @@ and a `--flag`; the CLI wins. Relative paths are taken from the repository root,
 any working directory (the original had to be started from the repo root).
 """
 
-import atexit
 import dataclasses
 import logging
 import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -77,25 +75,6 @@ def _recipe(argv: list[str]) -> dict | None:
     return None
 
 
-def without_recipe_keys(argv: list[str], keys: set[str], reason: str) -> list[str]:
-    """`argv` with its recipe rewritten without `keys` (a recipe written for a sibling method: the DPO recipe's
-    DPO-only settings when another preference method runs). Each dropped key is printed; the same keys given as
-    flags are still refused by the parser."""
-    recipe = _recipe(argv)
-    dropped = sorted(keys & set(recipe or {}))
-    if not dropped:
-        return argv
-    print(f"recipe keys left out ({reason}): {', '.join(dropped)}", file=sys.stderr)
-    trimmed = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="recipe-", delete=False)
-    with trimmed:
-        yaml.safe_dump({k: v for k, v in recipe.items() if k not in dropped}, trimmed, allow_unicode=True)
-    atexit.register(os.unlink, trimmed.name)
-    config_index = next(i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config="))
-    if argv[config_index] == "--config":
-        return [*argv[:config_index], "--config", trimmed.name, *argv[config_index + 2:]]
-    return [*argv[:config_index], f"--config={trimmed.name}", *argv[config_index + 1:]]
-
-
 class _Parser(TrlParser):
     def error(self, message):
         # argparse would print its usage block and exit: one line instead (a value of the wrong type, say)
@@ -123,9 +102,12 @@ def _one_recipe(argv: list[str]) -> list[str]:
     return [*argv[:at[0]], "--config", path, *argv[at[0] + (1 if "=" in argv[at[0]] else 2):]]
 
 
-def parse_config(dataclass_types: tuple, argv: list[str] | None = None):
+def parse_config(dataclass_types: tuple, argv: list[str] | None = None,
+                 unused_recipe_keys: tuple[set[str], str] = (set(), "")):
     """The dataclasses of `dataclass_types` from the recipe and flags, every value checked (utils.validation)
-    before anything else runs: each problem is a ConfigError of one line."""
+    before anything else runs: each problem is a ConfigError of one line. `unused_recipe_keys` (keys, why) are
+    recipe keys written for a sibling (the DPO recipe's DPO-only keys under ORPO): not used, and printed; the same
+    keys given as flags are still refused."""
     argv = _one_recipe(sys.argv[1:] if argv is None else list(argv))
     if _prepare_only(argv) and not torch.cuda.is_available():
         # Preparing data needs no GPU (it is meant to run on a CPU machine), but TrainingArguments refuses a
@@ -140,6 +122,13 @@ def parse_config(dataclass_types: tuple, argv: list[str] | None = None):
             args=argv, return_remaining_strings=True, separate_remaining_strings=True)
     except ValueError as err:  # a config class's own check (__post_init__), or a recipe that is not a mapping
         raise ConfigError(" ".join(str(err).split())) from err
+    unused, why = unused_recipe_keys
+    recipe_keys = from_recipe[::2]  # TrlParser hands the recipe's unknown keys back as "--key", "value" pairs
+    left_out = sorted(key[2:] for key in recipe_keys if key[2:] in unused)
+    if left_out:
+        print(f"recipe keys left out ({why}): {', '.join(left_out)}", file=sys.stderr)
+    from_recipe = [item for key, value in zip(recipe_keys, from_recipe[1::2]) if key[2:] not in unused
+                   for item in (key, value)]
     if from_flags or from_recipe:
         known = [f.name for dataclass_type in dataclass_types for f in dataclasses.fields(dataclass_type)]
         raise ConfigError(unknown_setting(from_flags, from_recipe, known))
@@ -158,9 +147,10 @@ def setup_logging(training_args) -> logging.Logger:
     return logger
 
 
-def parse_stage_args(script_arguments, trainer_config, argv: list[str] | None = None):
+def parse_stage_args(script_arguments, trainer_config, argv: list[str] | None = None,
+                     unused_recipe_keys: tuple[set[str], str] = (set(), "")):
     """What every stage parses, from one YAML plus CLI: (its own arguments, LoRA, crash safety, trackers, the
-    trainer's config)."""
+    trainer's config); `unused_recipe_keys` as in parse_config."""
     from utils.crash_safety import CrashSafetyArguments
     from utils.lora import LoraArguments
     from utils.memory_plan import MemoryPlanArguments, plan_or_check
@@ -170,7 +160,7 @@ def parse_stage_args(script_arguments, trainer_config, argv: list[str] | None = 
     if "--memory_plan" in argv and not torch.cuda.is_available():
         argv += ["--use_cpu", "true"]  # a plan needs no GPU; TrainingArguments would refuse bf16 without one
     *parsed, plan_args = parse_config((script_arguments, LoraArguments, CrashSafetyArguments, TrackerArguments,
-                                       trainer_config, MemoryPlanArguments), argv)
+                                       trainer_config, MemoryPlanArguments), argv, unused_recipe_keys)
     plan_or_check(plan_args, parsed[0], parsed[-1])
     return tuple(parsed)
 

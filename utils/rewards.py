@@ -9,7 +9,7 @@ Math word problems in GSM8K's shape end their solution with a line `#### <number
   such a line (a first step a young model can learn from); 0 otherwise.
 
 `reward_funcs` in the recipe names these, or `module:function` for one of yours (same signature), or a reward-model
-folder (mini_qwen_dpo.py --method rm), which GRPOTrainer loads as a sequence classifier and scores with.
+folder (mini_qwen_rm.py), which GRPOTrainer loads as a sequence classifier and scores with.
 """
 
 import importlib
