@@ -6,7 +6,7 @@ teacher's distributions on its own answer; `beta` blends forward KL (0) and reve
 
     # tiny CPU demo (a tiny random teacher and student made on the spot; see demo/demo_distill.py)
     python demo/demo_distill.py
-    # one GPU, a local Qwen2.5 teacher (same tokenizer, id for id; `bash prepare.sh --only teacher` would fetch one)
+    # one GPU, a local Qwen2.5 teacher (same tokenizer, id for id; `bash prepare.sh --only teacher` fetches one)
     python mini_qwen_distill.py --config configs/distill.yaml --teacher_path models/Qwen2.5-1.5B-Instruct
     # on-policy GKD: half the batches answered by the student, generalised JSD halfway between both KLs
     python mini_qwen_distill.py --config configs/distill.yaml --method gkd --lmbda 0.5 --beta 0.5
