@@ -51,6 +51,10 @@ def launch(launcher: str, output_dir: Path, cache_dir: Path, accumulation: int, 
         "deepspeed": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                       str(REPO / "accelerate_config.yaml"), "--num_processes", "2", "--main_process_port",
                       str(free_port())],
+        "zero2_muon": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       str(REPO / "accelerate_config.yaml"), "--deepspeed_config_file",
+                       str(REPO / "configs" / "ds_zero2_muon.json"), "--num_processes", "2", "--main_process_port",
+                       str(free_port())],
         "deepspeed1": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                        str(REPO / "accelerate_config.yaml"), "--num_processes", "1", "--main_process_port",
                        str(free_port())],
@@ -137,6 +141,19 @@ def test_deepspeed_zero2_with_two_processes_matches_too(reference):
     (line,) = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert "ZeRO-2 checkpoint of 2 processes" in line and "ds_to_universal" in refused.stderr
     assert "site-packages/deepspeed" not in refused.stderr  # no traceback from inside DeepSpeed
+
+
+def test_muon_under_ddp_and_under_deepspeed_zero2_trains_the_same(reference):
+    """torch's Muon beside AdamW (utils/muon.py) on two DDP ranks, and DeepSpeed's own Muon on two ZeRO-2 ranks (the
+    matrices split across the ranks' partitions): the same update rule and rates, so the same losses."""
+    muon = ("--use_muon", "true", "--max_grad_norm", "0")
+    ddp = launch("torchrun", reference / "muon_ddp", reference / "cache", 1, *muon)
+    zero2 = launch("zero2_muon", reference / "muon_zero2", reference / "cache", 1, *muon)
+    assert "launch: DeepSpeed ZeRO-2 on 2 process(es)" in zero2.stdout and "launch: 2 process(es)" in ddp.stdout
+    ddp_losses, zero2_losses = curves(reference / "muon_ddp")[0], curves(reference / "muon_zero2")[0]
+    assert len(ddp_losses) == STEPS and zero2_losses == pytest.approx(ddp_losses, rel=1e-4)
+    adamw_losses = curves(reference / "reference")[0]  # the same data and recipe with AdamW: Muon changed the run
+    assert ddp_losses[-1] != pytest.approx(adamw_losses[-1], rel=1e-4)
 
 
 def test_a_checkpoint_resumes_on_another_process_count_with_the_same_global_batch(reference, ddp_run):

@@ -41,6 +41,16 @@ class LossPlotCallback(TrainerCallback):
         self._plot(args, state)
 
 
+def first_moment(optimizer) -> torch.Tensor | None:
+    """One optimizer state tensor (AdamW's exp_avg, Muon's momentum), read locally. Under DeepSpeed the state lives
+    on flat partitions, keyed by whichever optimizer the config names (Muon's matrices have no exp_avg), so the
+    innermost optimizer's own state is read rather than one parameter's by name."""
+    while hasattr(optimizer, "optimizer"):  # accelerate's wrapper, then DeepSpeed's ZeRO optimizer
+        optimizer = optimizer.optimizer
+    return next((value for state in optimizer.state.values() for value in state.values()
+                 if torch.is_tensor(value) and value.ndim), None)
+
+
 class PrecisionCallback(TrainerCallback):
     """Logs, once, after the first optimizer step, the dtypes the run really holds: the module's weights, the master
     weights the optimizer updates, and the optimizer's moments. Read then, not at launch: DeepSpeed casts the module
@@ -55,13 +65,12 @@ class PrecisionCallback(TrainerCallback):
         self.logged = True
         param = next(p for p in model.parameters() if p.requires_grad)
         if args.deepspeed_plugin is not None:
-            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+            from deepspeed.utils import safe_get_full_fp32_param
 
-            # Collectives: every rank calls them; the gather is of one parameter.
-            master = safe_get_full_fp32_param(param)
-            moment = safe_get_full_optimizer_state(param, "exp_avg")
+            master = safe_get_full_fp32_param(param)  # a collective: every rank calls it; it gathers one parameter
         else:
-            master, moment = param, optimizer.state.get(param, {}).get("exp_avg")
+            master = param
+        moment = first_moment(optimizer)
         def name(tensor):
             return str(tensor.dtype).replace("torch.", "") if tensor is not None else "none"
         if state.is_world_process_zero:
