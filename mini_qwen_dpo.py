@@ -38,15 +38,15 @@ from trl.data_utils import common_prefix_length
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from utils.chat import ChatTokens
+from utils.chat import ChatTokens, check_template_matches
 from utils.compat import require
 from utils.config import parse_stage_args, recipe_value, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
-from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
 from utils.errors import ConfigError, run_main
+from utils.files import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
+from utils.lora import apply_lora
 from utils.modeling import build_model, score_only_labelled_positions_on_cpu
 from utils.muon import MuonArguments, muon_optimizer
-from utils.lora import apply_lora
 from utils.preference import preference_conversations
 from utils.prepare import (DataArguments, Preparation, code_fingerprint, prepare_or_load,
                            tokenizer_fingerprint)
@@ -81,6 +81,7 @@ def preference_preparation(files, tokenizer, script_args, training_args, key) ->
     conversational pairs (the prompt with the generation prompt; each answer from where the tokenized prompt and
     prompt + answer diverge), each message tokenized once. Runs in the preparation workers."""
     chat = ChatTokens(tokenizer)
+    check_template_matches(tokenizer, chat)  # the saved template must render what is trained on
 
     def shape(pair, stats):
         prompt_bodies = [chat.body(m) for m in pair["prompt"]]

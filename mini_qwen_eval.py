@@ -1,6 +1,7 @@
 """Evaluation: chat with a checkpoint, compare checkpoints side by side, measure repetition and perplexity.
 
-    # interactive chat (SFT/DPO checkpoints): streamed tokens, multi-turn history, /reset, /exit
+    # interactive chat (SFT/DPO checkpoints): streamed tokens, multi-turn history, /reset, /exit; a reply's
+    # <think> block is shown apart as 思考 · thinking, its <tool_call> blocks as parsed calls
     python mini_qwen_eval.py --model_path results/sft --system "你是一个乐于助人的助手。"
     # continue raw text with a pretraining checkpoint
     python mini_qwen_eval.py --model_path results/pt --mode pt
@@ -40,10 +41,11 @@ import torch  # noqa: E402
 from transformers import GenerationConfig, TextIteratorStreamer  # noqa: E402
 
 from utils import eval_harness  # noqa: E402
+from utils.chat import AssistantStream  # noqa: E402
 from utils.checkpoint import STAGE_FILE  # noqa: E402
 from utils.config import repo_path  # noqa: E402
-from utils.data import DataError  # noqa: E402
 from utils.errors import ConfigError, MissingInputError, run_main  # noqa: E402
+from utils.files import DataError  # noqa: E402
 from utils.metrics import heldout_metrics, repetition_report  # noqa: E402
 from utils.modeling import load_checkpoint  # noqa: E402
 from utils.report import pipeline_report
@@ -145,6 +147,34 @@ def generate(model, tokenizer, inputs, config: GenerationConfig, streamer=None) 
     return tokenizer.decode(new_tokens, skip_special_tokens=True), len(new_tokens), seconds
 
 
+THINKING, ANSWER, TOOL_CALL = "[思考 · thinking] ", "\n[回答 · answer] ", "\n[工具调用 · tool call] "
+
+
+def show_reply(pieces) -> dict:
+    """Print a streamed chat reply as it comes, its thinking apart from its answer and its tool calls parsed, as the
+    server parses them (utils.chat.AssistantStream); return it as the assistant message the history keeps, which
+    the chat template renders as the model wrote it."""
+    stream, reply = AssistantStream(), {"reasoning_content": "", "content": ""}
+
+    def show(thought: str, text: str) -> None:
+        if thought:
+            print(("" if reply["reasoning_content"] else THINKING) + thought, end="", flush=True)
+            reply["reasoning_content"] += thought
+        if text:
+            print((ANSWER if reply["reasoning_content"] and not reply["content"] else "") + text, end="", flush=True)
+            reply["content"] += text
+
+    for piece in pieces:
+        show(*stream.feed(piece))
+    *rest, calls = stream.finish()
+    show(*rest)
+    for call in calls:
+        print(f"{TOOL_CALL}{call['function']['name']} {call['function']['arguments']}", end="", flush=True)
+    reasoning = reply.pop("reasoning_content")
+    return {"role": "assistant", **reply, **({"reasoning_content": reasoning} if reasoning else {}),
+            **({"tool_calls": calls} if calls else {})}
+
+
 def interactive(model, tokenizer, mode: str, args):
     config = decoding_config(model, args)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -171,12 +201,14 @@ def interactive(model, tokenizer, mode: str, args):
         worker = Thread(target=model.generate, kwargs=dict(**inputs, generation_config=config, streamer=streamer))
         worker.start()
         print("assistant> ", end="", flush=True)
-        reply = "".join(print(piece, end="", flush=True) or piece for piece in streamer)
+        if mode == "pt":
+            for piece in streamer:
+                print(piece, end="", flush=True)
+            history = list(system)  # raw continuation has no dialogue to remember
+        else:
+            history.append(show_reply(streamer))
         worker.join()
         print(flush=True)
-        history.append({"role": "assistant", "content": reply})
-        if mode == "pt":
-            history = list(system)  # raw continuation has no dialogue to remember
 
 
 def read_prompts(spec: str) -> list[str]:

@@ -28,8 +28,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from utils.chat import DEFAULT_SYSTEM_PROMPT
 from utils.config import parse_stage_args, repo_path, start_run
-from utils.data import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
 from utils.errors import ConfigError, run_main
+from utils.files import SkipCounter, SkipRecord, files_fingerprint, resolve_data_files
 from utils.lora import apply_lora
 from utils.modeling import build_model, score_only_labelled_positions_on_cpu
 from utils.muon import MuonArguments, muon_optimizer

@@ -28,12 +28,12 @@ from transformers import Trainer, TrainingArguments
 
 from utils.config import parse_stage_args, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
-from utils.data import SkipCounter, files_fingerprint, resolve_data_files
 from utils.errors import run_main
+from utils.files import SkipCounter, files_fingerprint, resolve_data_files
+from utils.lora import apply_lora
 from utils.modeling import build_model, check_weight_precision, stochastic_rounding_adamw
 from utils.muon import MuonArguments, muon_optimizer
 from utils.packing import PACKING_MODES, PackingStats, PretrainCollator, pretraining_preparation
-from utils.lora import apply_lora
 from utils.prepare import DataArguments, code_fingerprint, prepare_or_load, tokenizer_fingerprint
 from utils.throughput import ThroughputArguments
 from utils.tokenizer import load_tokenizer

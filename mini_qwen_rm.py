@@ -23,8 +23,8 @@ from trl import RewardConfig, RewardTrainer
 
 from utils.config import parse_stage_args, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
-from utils.data import SkipCounter, files_fingerprint, resolve_data_files
 from utils.errors import ConfigError, run_main
+from utils.files import SkipCounter, files_fingerprint, resolve_data_files
 from utils.modeling import build_reward_model, score_only_labelled_positions_on_cpu
 from utils.muon import MuonArguments, muon_optimizer
 from utils.preference import hold_out, preference_conversations

@@ -35,15 +35,16 @@ from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
 from utils.chat import (DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT_STRATEGIES, TURN_MODES, ChatTokens, add_system_prompt,
-                        fill_identity, select_turns)
+                        check_template_matches, fill_identity, select_turns)
 from utils.config import parse_stage_args, repo_path, start_run
 from utils.crash_safety import SkipSamplesMixin
-from utils.data import SkipCounter, files_fingerprint, iter_normalized, resolve_data_files
 from utils.errors import ConfigError, run_main
+from utils.files import SkipCounter, files_fingerprint, resolve_data_files
+from utils.formats import iter_normalized
+from utils.lora import apply_lora
 from utils.modeling import build_model, score_only_labelled_positions_on_cpu
 from utils.muon import MuonArguments, muon_optimizer
 from utils.packing import DocumentMaskCollator
-from utils.lora import apply_lora
 from utils.prepare import (DataArguments, Preparation, UnitStats, code_fingerprint, default_workers, prepare_or_load,
                            tokenizer_fingerprint)
 from utils.throughput import ThroughputArguments
@@ -78,6 +79,7 @@ def conversation_preparation(files, tokenizer, script_args, training_args, key) 
     each message tokenized once (utils.chat.ChatTokens). Runs in the preparation workers; the identity set is
     added at the end by the main process."""
     chat = ChatTokens(tokenizer)
+    check_template_matches(tokenizer, chat)  # the saved template must render what is trained on
 
     def shape(record, stats):
         messages = select_turns(record["messages"], script_args.turns)

@@ -6,6 +6,7 @@ CI has it, and runs with MINI_QWEN_REQUIRE_SHARED=1 (.ci/run), which turns its a
 Likewise the tests that need an optional tool (a browser, llama-cpp-python, shellcheck) skip without it, and fail
 instead under MINI_QWEN_REQUIRE_OPTIONAL=1, which .ci/run sets after installing them."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -77,3 +78,73 @@ def sft_checkpoint(tmp_path_factory, pt_checkpoint):
           # TRL's LM-head loss is slow on a CPU (it scores every position): few rows keep this fixture quick
           "--per_device_train_batch_size", "2", "--max_steps", "6", "--save_strategy", "no"])
     return root / "out"
+
+
+def chatml(messages: list[dict]) -> str:
+    """ChatML text of normalised messages, written out by hand: what the chat template must render."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+def openai_shaped(record: dict) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) of a tool-use record in any shape utils/formats.py reads, as an OpenAI client would send
+    the same conversation: LLaMA-Factory's function_call / observation turns and typed parts become `tool_calls` (with
+    object arguments), `tool` messages and `reasoning_content`; the `system` and `tools` columns become a system
+    message and the request's tools. A <think> block written into an answer stays in its content."""
+    roles = {"human": "user", "gpt": "assistant", "observation": "tool", "function_call": "assistant"}
+    messages = []
+    for item in record.get("messages") or record["conversations"]:
+        role, value = item.get("role", item.get("from")), item.get("content", item.get("value"))
+        message = {k: v for k, v in item.items() if k not in ("from", "value")} | {"role": roles.get(role, role)}
+        if role == "function_call":
+            calls = json.loads(value)
+            message.update(content=None, tool_calls=[{"type": "function", "function": call}
+                                                     for call in (calls if isinstance(calls, list) else [calls])])
+        elif isinstance(value, list):
+            parts = {kind: [part["value"] for part in value if part["type"] == kind]
+                     for kind in ("text", "reasoning", "tool_call")}
+            message["content"] = "".join(parts["text"]) or None
+            if parts["reasoning"]:
+                message["reasoning_content"] = "".join(parts["reasoning"])
+            if parts["tool_call"]:
+                message["tool_calls"] = [{"type": "function", "function": json.loads(call)}
+                                         for call in parts["tool_call"]]
+        else:
+            message["content"] = value
+        messages.append(message)
+    if record.get("system") and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": record["system"]})
+    tools = json.loads(record["tools"]) if isinstance(record.get("tools"), str) else record.get("tools")
+    return messages, tools or None
+
+
+def sft_tools_records() -> list[tuple[str, dict]]:
+    """(file:number, record) for every record of mini_data/sft_tools, as the files hold them."""
+    records = []
+    for path in sorted((REPO / "mini_data" / "sft_tools").iterdir()):
+        text = path.read_text(encoding="utf-8")
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line]
+        records += [(f"{path.name}:{number}", row) for number, row in enumerate(rows, 1)]
+    return records
+
+
+class ScriptedModel:
+    """Stands in for a checkpoint's model where a test needs replies no tiny model writes (reasoning, tool calls):
+    `generate` answers each prompt with the next of `replies` and <|im_end|>, streamed token by token as
+    model.generate streams, and keeps the prompt ids it was given."""
+
+    def __init__(self, model, tokenizer, replies: list[str] = ()):
+        self.config, self.generation_config, self.device = model.config, model.generation_config, model.device
+        self.tokenizer, self.replies, self.prompts = tokenizer, list(replies), []
+
+    def generate(self, input_ids, streamer=None, **settings):
+        import torch
+
+        self.prompts.append(input_ids[0].tolist())
+        new = self.tokenizer(self.replies.pop(0), add_special_tokens=False)["input_ids"] + [
+            self.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        if streamer is not None:
+            streamer.put(input_ids)  # the prompt first, which the streamer skips
+            for token in new:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)

@@ -67,7 +67,7 @@ def test_flops_per_token_equals_what_torch_counts_for_a_training_step_of_the_1b_
 
 
 def test_data_prep_benchmark_compares_both_pipelines_and_worker_counts():
-    from utils.data import load_records
+    from utils.formats import load_records
 
     results = main(["data_prep", "--corpus", str(REPO / "mini_data" / "pt"), "--repeat", "1",
                     "--block_size", "128", "--workers", "1", "2"])

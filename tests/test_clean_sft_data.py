@@ -13,7 +13,8 @@ from tools.clean_sft_data import (
     compile_filler_pattern, compile_sensitive_pattern, main, mask_sensitive, normalize_whitespace, read_word_list,
     remove_fillers,
 )
-from utils.data import DataError, load_records
+from utils.files import DataError
+from utils.formats import load_records
 
 GEN_FILE = REFERENCE / "mini_data" / "sft" / "Gen" / "train-00000-of-00015.parquet"
 
@@ -54,50 +55,38 @@ def test_whitespace_leaves_code_blocks_and_inline_code_byte_for_byte():
     assert normalize_whitespace(unclosed) == unclosed
 
 
-@pytest.mark.parametrize("before, after", [
-    ("太好了！！！！真的吗？？？我同意。。。。", "太好了！真的吗？我同意。"),
-    ("首先，，我们需要、、准备材料；；然后：：开始", "首先，我们需要、准备材料；然后：开始"),
-    ("Wow!!!! Really??? Yes!", "Wow! Really? Yes!"),
-    ("Wait.... what..........", "Wait... what..."),
-    ("他说…………算了", "他说……算了"),
-])
-def test_repeated_punctuation_collapses(before, after):
-    assert collapse_repeated_punctuation(before) == after
+RULE_FUNCTIONS = {"punctuation": collapse_repeated_punctuation, "fillers": lambda text: remove_fillers(text, FILLERS)}
+REWRITES = [  # (rule, text, what the rule makes of it; None: the text must stay as it is)
+    ("punctuation", "太好了！！！！真的吗？？？我同意。。。。", "太好了！真的吗？我同意。"),
+    ("punctuation", "首先，，我们需要、、准备材料；；然后：：开始", "首先，我们需要、准备材料；然后：开始"),
+    ("punctuation", "Wow!!!! Really??? Yes!", "Wow! Really? Yes!"),
+    ("punctuation", "Wait.... what..........", "Wait... what..."),
+    ("punctuation", "他说…………算了", "他说……算了"),
+    ("punctuation", "然后……我们就走了。", None),
+    ("punctuation", "Well... maybe.", None),
+    ("punctuation", "Use std::vector, for(;;) loops and ../data; fields a,,b stay.", None),
+    ("punctuation", "Ranges like 1..10 and the path ../../x", None),
+    ("punctuation", "Print it: `print('!!!')`", None),
+    ("punctuation", "```\nassert x == '。。'\n```", None),
+    ("fillers", "嗯，那个那个，我觉得这个方案，呃，还可以吧。", "我觉得这个方案，还可以吧。"),
+    ("fillers", "Um, I think, uh, we should go.", "I think, we should go."),
+    ("fillers", "这个价格还可以，嗯。", "这个价格还可以。"),
+    ("fillers", "嗯。我知道了，明天见。", "我知道了，明天见。"),
+    ("fillers", "嗯嗯嗯，好的，额，我再想想。", "好的，我再想想。"),
+    ("fillers", "I um think so. UH, maybe not, erm.", "I think so. maybe not."),
+    ("fillers", "第一行\n呃 第二行", "第一行\n第二行"),
+    ("fillers", "好啊，我们明天见。", None),  # 啊 is not a filler and 啊啊 must stand alone
+    ("fillers", "额外的费用是多少？总金额，请再核对一下。", None),  # 额 inside words
+    ("fillers", "嗯哼这个词我不熟。我嗯了一声。", None),  # 嗯 inside a clause
+    ("fillers", "那个那个人是谁？", None),  # followed by a word: not an interjection
+    ("fillers", "I forgot my umbrella; uh-oh, the drum is wet.", None),
+    ("fillers", "Call `um()` first.\n```\num = 1\nuh = 2\n```", None),
+]
 
 
-@pytest.mark.parametrize("text", [
-    "然后……我们就走了。", "Well... maybe.", "Use std::vector, for(;;) loops and ../data; fields a,,b stay.",
-    "Ranges like 1..10 and the path ../../x", "Print it: `print('!!!')`", "```\nassert x == '。。'\n```",
-])
-def test_punctuation_that_is_not_a_repeat_or_is_code_stays(text):
-    assert collapse_repeated_punctuation(text) == text
-
-
-# Rule 2: fillers
-
-@pytest.mark.parametrize("before, after", [
-    ("嗯，那个那个，我觉得这个方案，呃，还可以吧。", "我觉得这个方案，还可以吧。"),
-    ("Um, I think, uh, we should go.", "I think, we should go."),
-    ("这个价格还可以，嗯。", "这个价格还可以。"),
-    ("嗯。我知道了，明天见。", "我知道了，明天见。"),
-    ("嗯嗯嗯，好的，额，我再想想。", "好的，我再想想。"),
-    ("I um think so. UH, maybe not, erm.", "I think so. maybe not."),
-    ("第一行\n呃 第二行", "第一行\n第二行"),
-])
-def test_fillers_are_removed_with_their_comma(before, after):
-    assert remove_fillers(before, FILLERS) == after
-
-
-@pytest.mark.parametrize("text", [
-    "好啊，我们明天见。",  # 啊 is not a filler and 啊啊 must stand alone
-    "额外的费用是多少？总金额，请再核对一下。",  # 额 inside words
-    "嗯哼这个词我不熟。我嗯了一声。",  # 嗯 inside a clause
-    "那个那个人是谁？",  # followed by a word: not an interjection
-    "I forgot my umbrella; uh-oh, the drum is wet.",
-    "Call `um()` first.\n```\num = 1\nuh = 2\n```",
-])
-def test_words_that_only_look_like_fillers_stay(text):
-    assert remove_fillers(text, FILLERS) == text
+@pytest.mark.parametrize("rule, text, expected", REWRITES)
+def test_each_rule_rewrites_what_it_targets_and_leaves_lookalikes_and_code(rule, text, expected):
+    assert RULE_FUNCTIONS[rule](text) == (text if expected is None else expected)
 
 
 def test_filler_words_file_replaces_the_default_list(tmp_path):

@@ -10,8 +10,8 @@ from datasets import Dataset
 from conftest import REPO, cpu_flags
 from tools import deps
 from utils import compat
-from utils.data import load_records
 from utils.errors import ConfigError, run_main
+from utils.formats import load_records
 from utils.prepare import UnitStats
 
 # How each internal disappears in a release that moved it: (module, attribute to delete).

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import TrainingArguments
 from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 
@@ -30,12 +31,20 @@ def parse(stage: str, config: str, *flags: str):
 
 @pytest.mark.parametrize("stage", list(STAGES))
 @pytest.mark.parametrize("prefix", ["", "demo_"])
-def test_every_recipe_parses(stage, prefix):
-    script_args, _, _, training_args = parse(stage, f"{prefix}{stage}.yaml")
-    assert training_args.logging_nan_inf_filter is False
-    assert training_args.max_grad_norm == 1.0 and training_args.weight_decay == 0.1
-    assert training_args.lr_scheduler_type == "cosine_with_min_lr"
-    assert training_args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+def test_every_recipe_parses_and_its_schedule_warms_up_then_ends_at_a_tenth_of_the_peak(stage, prefix):
+    """Seed 002's schedule, as the Trainer will build it from the recipe (not as the YAML spells it): the rate
+    rises over the warmup, peaks at learning_rate and ends at 10% of it."""
+    from transformers import get_scheduler
+
+    *_, args = parse(stage, f"{prefix}{stage}.yaml")
+    total = 1000
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=args.learning_rate)
+    (factor,) = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(total),
+                              num_training_steps=total, scheduler_specific_kwargs=args.lr_scheduler_kwargs).lr_lambdas
+    warmup = args.get_warmup_steps(total)
+    rates = [factor(step) for step in range(total + 1)]
+    assert warmup > 0 and rates[0] < rates[warmup] == pytest.approx(1.0)
+    assert max(rates) == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("method, config_name, loss_type", [("orpo", "ORPOConfig", None),

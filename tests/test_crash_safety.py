@@ -10,7 +10,7 @@ import mini_qwen_pt
 from conftest import REPO, cpu_flags
 from utils.callbacks import AnomalyGuard
 from utils.crash_safety import CrashSafetyArguments, parse_ranges
-from utils.data import load_records
+from utils.formats import load_records
 from utils.modeling import build_model
 
 

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REFERENCE, REPO, SHARED, needs_shared
-from utils.data import DataError, load_records, resolve_data_files
+from utils.files import DataError, resolve_data_files
+from utils.formats import load_records
 
 
 @needs_shared

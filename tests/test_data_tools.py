@@ -5,7 +5,7 @@ import json
 import pyarrow.parquet as pq
 
 from conftest import REPO
-from utils.data import load_records
+from utils.formats import load_records
 
 
 def test_save_mini_data_samples_rows_and_keeps_the_schema(tmp_path):

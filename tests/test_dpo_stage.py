@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, cpu_flags
-from utils.data import load_records
+from utils.formats import load_records
 
 
 def test_lr_5e7_moves_the_weights_and_the_reward_margin(sft_checkpoint, tmp_path):

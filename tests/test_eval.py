@@ -1,4 +1,5 @@
-"""The evaluator: interactive chat through a pipe, batch reports with repetition metrics, held-out bits per byte."""
+"""The evaluator: interactive chat through a pipe (a reply's thinking and tool calls shown apart), batch reports
+with repetition metrics, held-out bits per byte."""
 
 import json
 import math
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, ScriptedModel, chatml
 
 
 def test_interactive_chat_two_turns_reset_and_exit(sft_checkpoint):
@@ -21,6 +22,30 @@ def test_interactive_chat_two_turns_reset_and_exit(sft_checkpoint):
     assert result.stdout.count("assistant> ") == 3  # two turns, then one after /reset; nothing after /exit
     assert "[history cleared]" in result.stdout
     assert result.stdout.count("user> ") == 5
+
+
+def test_chat_shows_thinking_and_tool_calls_apart_and_keeps_them_in_the_history(sft_checkpoint, monkeypatch, capsys):
+    """Replies a tiny model never writes, from a ScriptedModel: the thinking shown as its own section, a call
+    parsed as the server parses it, and the next prompt holding both as the model wrote them."""
+    import mini_qwen_eval
+    from utils.formats import normalize_sft
+    from utils.modeling import load_checkpoint
+
+    record = json.loads((REPO / "mini_data" / "sft_tools" / "openai_messages.jsonl").read_text().splitlines()[0])
+    raw, training = record["messages"], normalize_sft(record)["messages"]
+    model, tokenizer = load_checkpoint(str(sft_checkpoint), "cpu")
+    model = ScriptedModel(model, tokenizer, [training[2]["content"], training[4]["content"]])
+    questions = iter(["Umbrella in Paris?", "So?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt: print(prompt, end="") or next(questions))
+    mini_qwen_eval.interactive(model, tokenizer, "chat", mini_qwen_eval.parse_args(["--model_path", "x"]))
+    answers = capsys.readouterr().out.split("assistant> ")[1:]
+    assert answers[0] == (f"[思考 · thinking] {raw[2]['reasoning_content']}\n"
+                          '[工具调用 · tool call] get_weather {"city": "Paris"}\nuser> ')
+    assert answers[1] == (f"[思考 · thinking] {raw[4]['reasoning_content']}\n[回答 · answer] {raw[4]['content']}\n"
+                          "user> ")
+    assert tokenizer.decode(model.prompts[1]) == chatml([{"role": "user", "content": "Umbrella in Paris?"},
+                                                         training[2], {"role": "user", "content": "So?"}]) + \
+        "<|im_start|>assistant\n"
 
 
 def test_batch_report_compares_checkpoints_with_metrics(pt_checkpoint, sft_checkpoint, tmp_path):

@@ -13,9 +13,9 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
 from conftest import REPO, SHARED, TINY_CONFIG, needs_shared
-from utils.data import DataError
 from utils.errors import ConfigError, MissingInputError
 from utils.eval_harness import BENCHMARKS, TEMPLATES, upstream_tasks, write_tasks
+from utils.files import DataError
 from utils.lm_eval_tasks.local_data import load
 
 EVAL_DATA = SHARED / "data" / "llamafactory_eval"

@@ -96,7 +96,7 @@ def test_pt_document_rows_equal_each_document_alone(tokenizer, backend, training
     assert len(rows) >= 2 and min(len(r) for r in rows) >= 2  # the case that broke: several rows, several documents
     model.train(training)  # the config's dropout is 0: train and eval must agree
     with torch.set_grad_enabled(training):
-        out = model(**batch, use_cache=False)
+        out = model(**batch)  # as the Trainer calls it: the model's default use_cache, a cache built
     logits, targets = [], []
     for row, row_segments in enumerate(rows):
         for start, end in row_segments:
@@ -124,7 +124,7 @@ def test_pt_none_padded_rows_equal_each_row_alone(tokenizer, backend):
     lengths = [len(s["input_ids"]) for s in samples]
     assert len(set(lengths)) > 2 and "attention_mask" in batch
     with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits
+        logits = model(**batch).logits
     for row, sample in enumerate(samples):
         torch.testing.assert_close(logits[row, :lengths[row]], alone(model, sample["input_ids"]), atol=1e-4,
                                    rtol=1e-4)
@@ -141,7 +141,7 @@ def test_pt_concat_rows_are_plain_causal_blocks(tokenizer, backend):
     assert len(samples) >= 2 and set(batch) == {"input_ids", "labels"}
     assert torch.equal(batch["labels"], batch["input_ids"])
     with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits
+        logits = model(**batch).logits
     for row, sample in enumerate(samples):
         torch.testing.assert_close(logits[row], alone(model, sample["input_ids"]), atol=1e-4, rtol=1e-4)
     assert_kernel_used(calls, "flash_attn_func")
@@ -179,7 +179,7 @@ def test_sft_packed_padding_free_samples_equal_each_sample_alone(tokenizer, back
     # flash-attention: one flat row (TRL's cu_seq_lens); sdpa and eager: a row per packed row, each with its own mask
     assert batch["input_ids"].shape[0] == (1 if attention == "flash_attention_2" else len(packed))
     with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits
+        logits = model(**batch).logits
     by_ids = {tuple(s["input_ids"]): s for s in samples}
     found = 0
     for row in range(batch["input_ids"].shape[0]):
@@ -209,8 +209,25 @@ def test_dpo_right_padded_rows_equal_each_row_alone(tokenizer, backend):
     lengths = batch["attention_mask"].sum(-1).tolist()
     assert len(set(lengths)) >= 3  # padding in most rows
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     for row, length in enumerate(lengths):
         torch.testing.assert_close(logits[row, :length], alone(model, batch["input_ids"][row, :length]), atol=1e-4,
                                    rtol=1e-4)
     assert_kernel_used(calls, "flash_attn_varlen_func")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_transformers_own_packed_mask_is_off_in_training_so_the_collators_build_theirs(tokenizer, attention):
+    """The coupling behind utils/packing.py's document_attention_mask: transformers infers a block-diagonal mask from
+    position_ids only when no cache exists, and Qwen2 builds one on every forward while use_cache is on (the
+    default, in training too). So without the collators' own masks packed documents would see each other. When
+    this fails (transformers changed that rule), the hand-built masks may go: the tests above guard the behaviour."""
+    model = tiny_model(attention).train()
+    samples = pack_documents(encode(tokenizer), BLOCK, "document", tokenizer.eos_token_id)
+    batch = PretrainCollator(tokenizer.pad_token_id, attention)(samples[:1])
+    (start, end), *_ = [(s, e) for s, e in segments(batch["position_ids"][0]) if s > 0]
+    ids = batch["input_ids"][0, start:end]
+    without_mask = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, start:end]
+    assert not torch.allclose(without_mask, alone(model, ids), atol=1e-4)  # the second document saw the first
+    with_mask = model(**batch).logits[0, start:end]
+    torch.testing.assert_close(with_mask, alone(model, ids), atol=1e-4, rtol=1e-4)

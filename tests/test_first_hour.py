@@ -8,8 +8,8 @@ import pytest
 from datasets import Dataset
 
 from conftest import REPO
-from utils.data import load_records
 from utils.errors import run_main
+from utils.formats import load_records
 
 CONVERSATION = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！有什么可以帮你？"}]}
 

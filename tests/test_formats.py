@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import REFERENCE_TOKENIZER, needs_shared
-from utils.data import load_records
+from utils.formats import load_records
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Today's weather in a city",

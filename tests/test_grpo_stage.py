@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import REPO, cpu_flags
-from utils.data import load_records
+from utils.formats import load_records
 from utils.rewards import answer_format, correct_answer, final_number, resolve_reward_funcs
 
 

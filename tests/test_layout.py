@@ -41,3 +41,17 @@ def test_readme_layout_names_every_module_where_it_lives():
         for path in (ROOT / folder).glob("*.py"):
             if path.name != "__init__.py":
                 assert re.search(rf"\b{re.escape(path.name)}\b", layout), f"{folder}/{path.name} missing from README"
+
+
+def test_readme_layout_names_no_module_that_is_not_there():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("## Where to change what")]
+    folder = None
+    for line in layout.splitlines():
+        if re.match(r"(utils|tools)/ ", line):
+            folder = line.split("/")[0]
+        elif not line.startswith("  "):
+            folder = None
+        named = re.match(r"  (\w+\.(?:py|html|jinja))\b", line)
+        if folder and named:
+            assert (ROOT / folder / named.group(1)).is_file(), f"README names {folder}/{named.group(1)}"

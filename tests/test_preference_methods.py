@@ -71,7 +71,7 @@ def test_simpo_loss_is_the_margin_minus_gamma_without_nll(sft_checkpoint, tmp_pa
 
 
 def test_kto_reads_labelled_replies_and_starts_at_half(sft_checkpoint, tmp_path):
-    from utils.data import load_records
+    from utils.formats import load_records
 
     pairs, _ = load_records(str(REPO / "mini_data" / "dpo"), "dpo")
     data = tmp_path / "kto"

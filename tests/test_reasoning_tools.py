@@ -1,6 +1,8 @@
 """Reasoning and tool use in SFT: each record shape renders as Qwen2.5's own chat template renders the same
 conversation, the loss covers exactly the assistant turns (tool calls included, tool results not) and
---train_on_reasoning decides the <think> blocks; the stage trains on mini_data/sft_tools with nothing skipped."""
+--train_on_reasoning decides the <think> blocks; the stage trains on mini_data/sft_tools with nothing skipped.
+At inference the way runs back: the checkpoint's template renders OpenAI-shaped requests (tools, tool_calls, tool
+results, reasoning_content) as their training text, and a reply parses into reasoning, content and tool calls."""
 
 import json
 import re
@@ -9,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 from trl import SFTConfig
 
-from conftest import REFERENCE_TOKENIZER, REPO, cpu_flags, needs_shared
-from utils.data import load_records
+from conftest import REFERENCE_TOKENIZER, REPO, chatml, cpu_flags, needs_shared, openai_shaped, sft_tools_records
+from utils.chat import AssistantStream, parse_assistant_output
+from utils.formats import load_records
 from utils.prepare import UnitStats
 
 SYSTEM = "You are a helpful travel assistant."
@@ -228,3 +231,88 @@ def test_sft_stage_trains_on_the_reasoning_and_tool_use_mini_data(tmp_path, toke
     assert not any("<tool_response>" in text for text in trained)
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     assert len([entry["loss"] for entry in history if "loss" in entry]) == 3
+
+
+# Every record of mini_data/sft_tools, and the conversation above in each shape.
+TEMPLATE_CASES = dict(sft_tools_records()) | {
+    f"{shape} (above)": make_record(turns, [WEATHER, CURRENCY]) for shape, (make_record, turns) in SHAPES.items()}
+
+
+@pytest.mark.parametrize("name", list(TEMPLATE_CASES))
+def test_the_chat_template_renders_openai_messages_as_their_training_text(tokenizer, tmp_path, name):
+    """What the server (or llama.cpp) renders for an OpenAI request with tools, tool_calls, tool results and
+    reasoning_content is the text, the ids and the trained tokens that SFT made of the same conversation."""
+    record = TEMPLATE_CASES[name]
+    training = normalized(tmp_path, record)
+    messages, tools = openai_shaped(record)
+    assert tokenizer.apply_chat_template(messages, tools=tools, tokenize=False) == chatml(training)
+    rendered = tokenizer.apply_chat_template(messages, tools=tools, return_dict=True, return_assistant_tokens_mask=True)
+    row = stage_row(tokenizer, tmp_path, training, train_on_reasoning=True)
+    assert rendered["input_ids"] == row["input_ids"]
+    assert row["labels"] == [i if trained else -100 for i, trained in zip(rendered["input_ids"],
+                                                                          rendered["assistant_masks"])]
+
+
+def calls_of(message: dict) -> list[tuple[str, dict]]:
+    """(name, arguments as an object) of each OpenAI tool call of a message."""
+    calls = [call["function"] for call in message.get("tool_calls") or []]
+    return [(call["name"], json.loads(call["arguments"]) if isinstance(call["arguments"], str) else call["arguments"])
+            for call in calls]
+
+
+@pytest.mark.parametrize("name", [name for name, _ in sft_tools_records()])
+def test_every_trained_answer_parses_back_into_its_message(tokenizer, tmp_path, name):
+    """A reply written as the model learnt to write it gives back the reasoning, text and calls it was made from,
+    which the template renders as that reply again (what a client sends back as history)."""
+    record = TEMPLATE_CASES[name]
+    messages, _ = openai_shaped(record)
+    answers = [m for m in messages if m["role"] == "assistant"]
+    trained = [m["content"] for m in normalized(tmp_path, record) if m["role"] == "assistant"]
+    assert len(answers) == len(trained)
+    for answer, text in zip(answers, trained):
+        reasoning, content, calls = parse_assistant_output(text)
+        assert calls_of({"tool_calls": calls}) == calls_of(answer)
+        assert all(call["type"] == "function" and call["id"].startswith("call_") for call in calls)
+        assert bool(reasoning) == text.startswith("<think>") and "<think>" not in content
+        parsed = {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": calls}
+        assert tokenizer.apply_chat_template([parsed], tokenize=False) == chatml([{"role": "assistant",
+                                                                                   "content": text}])
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+# reply -> (reasoning, content, calls)
+REPLIES = {
+    "plain text, kept as written": ("  Paris.\n\n", "", "  Paris.\n\n", []),
+    "reasoning and an answer": ("<think>\nCapital of France.\n</think>\n\nParis.", "Capital of France.", "Paris.", []),
+    "reasoning written tight": ("<think>Capital?</think>Paris.", "Capital?", "Paris.", []),
+    "reasoning then a call": (f"<think>\nCheck it.\n</think>\n\n{CALL}", "Check it.", "",
+                              [("get_weather", {"city": "北京"})]),
+    "text and two calls": (f"Let me look.\n{CALL}\n{CALL.replace('北京', 'Oslo')}", "", "Let me look.",
+                           [("get_weather", {"city": "北京"}), ("get_weather", {"city": "Oslo"})]),
+    "a call that is not JSON stays text": ("<tool_call>\n{get_weather: Oslo}\n</tool_call>", "",
+                                           "<tool_call>\n{get_weather: Oslo}\n</tool_call>", []),
+    "arguments that are not an object stay text": ('<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>', "",
+                                                   '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>', []),
+    "a call cut short stays text": ('x <tool_call>\n{"name": "get_w', "", 'x <tool_call>\n{"name": "get_w', []),
+    "cut short while thinking": ("<think>\nStill thinking  \n", "Still thinking  ", "", []),
+    "blank reasoning is none": ("<think>\n \n</think>\n\n4", "", "4", []),
+    "tags that only start like ours": ("<thinking> is a word; a < b <tool", "", "<thinking> is a word; a < b <tool",
+                                       []),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLIES))
+def test_a_reply_parses_the_same_whole_and_streamed(name):
+    """Streamed one character at a time (the worst split), every piece sent is part of the final parse, and all
+    of it together is the parse of the whole reply: a client never sees text it must take back."""
+    reply, reasoning, content, calls = REPLIES[name]
+    whole = parse_assistant_output(reply)
+    assert whole[:2] == (reasoning, content) and calls_of({"tool_calls": whole[2]}) == calls
+    stream, sent = AssistantStream(), ["", ""]
+    for character in reply:
+        for index, delta in enumerate(stream.feed(character)):
+            sent[index] += delta
+            assert whole[index].startswith(sent[index])
+    *rest, streamed_calls = stream.finish()
+    assert [a + b for a, b in zip(sent, rest)] == [reasoning, content]
+    assert calls_of({"tool_calls": streamed_calls}) == calls

@@ -1,6 +1,8 @@
 """`python -m tools.serve` answers the official `openai` client on loopback: chat (whole and streamed) from an SFT
 checkpoint, a completion from a PT checkpoint, and 401 without the key; its chat page answers in a real browser.
-Under load and bad requests it answers 429 / 400 / 404 in OpenAI's error shape, and keeps serving."""
+Under load and bad requests it answers 429 / 400 / 404 in OpenAI's error shape, and keeps serving. Tools and tool
+results go into the prompt as SFT trained on them, and a reply's reasoning and tool calls come out as OpenAI's
+reasoning_content / tool_calls, whole and streamed, and on the chat page (a scripted model writes those replies)."""
 
 import json
 import os
@@ -15,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, skip_without
+from conftest import REPO, ScriptedModel, chatml, skip_without
 from tools import serve
+from utils.chat import DEFAULT_SYSTEM_PROMPT, ChatTokens
 from utils.errors import ConfigError
+from utils.formats import normalize_sft
 
 openai = pytest.importorskip("openai")
 
@@ -274,3 +278,119 @@ def test_refuses_a_public_address_without_a_key(pt_checkpoint, monkeypatch):
     for allowed in (public + ["--api_key", "k"], public + ["--allow_no_key"], public + ["--host", "::1"]):
         with pytest.raises(Loading):  # got as far as loading the model
             serve.main(allowed)
+
+
+@pytest.fixture(scope="module")
+def scripted_server(sft_checkpoint):
+    """The SFT checkpoint's app, served in this process with a ScriptedModel in place of its model: replies with
+    reasoning and tool calls, which the tiny model never writes, through the real app, HTTP and client."""
+    import uvicorn
+
+    generator = serve.Generator(sft_checkpoint, "cpu", max_queue=2, request_timeout=60)
+    generator.model = ScriptedModel(generator.model, generator.tokenizer)
+    app = serve.build_app(generator, str(sft_checkpoint), None, serve.page_defaults(sft_checkpoint, key_required=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the scripted server did not start"
+        time.sleep(0.05)
+    try:
+        yield generator, f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# An OpenAI-shaped record of mini_data/sft_tools: system, user, reasoning + call, tool result, reasoning + answer.
+UMBRELLA = json.loads((REPO / "mini_data" / "sft_tools" / "openai_messages.jsonl").read_text().splitlines()[0])
+
+
+def calls_of(calls) -> list[tuple[str, dict]]:
+    return [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in calls or []]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("turn", [2, 4], ids=["calls a tool", "answers from the tool result"])
+def test_tools_go_in_as_trained_and_reasoning_and_calls_come_out_parsed(scripted_server, sft_checkpoint, turn, stream):
+    generator, url = scripted_server
+    messages, training = UMBRELLA["messages"], normalize_sft(UMBRELLA)["messages"]  # as SFT trains on it
+    answer = messages[turn]
+    generator.model.replies = [training[turn]["content"]]  # the reply as the model learnt to write it
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    request = dict(model=str(sft_checkpoint), messages=messages[:turn], tools=UMBRELLA["tools"], temperature=0)
+    if stream:
+        deltas = [(chunk.choices[0].delta, chunk.choices[0].finish_reason)
+                  for chunk in client.chat.completions.create(**request, stream=True) if chunk.choices]
+        reasoning = "".join(getattr(delta, "reasoning_content", None) or "" for delta, _ in deltas)
+        content = "".join(delta.content or "" for delta, _ in deltas) or None
+        calls = [call.model_dump() for delta, _ in deltas for call in delta.tool_calls or []]
+        assert [call.pop("index") for call in calls] == list(range(len(calls)))
+        finish = deltas[-1][1]
+        if turn == 4:
+            assert sum(bool(delta.content) for delta, _ in deltas) > 1  # streamed, not sent in one piece
+    else:
+        choice = client.chat.completions.create(**request).choices[0]
+        reasoning, content, finish = choice.message.reasoning_content, choice.message.content, choice.finish_reason
+        calls = [call.model_dump() for call in choice.message.tool_calls or []]
+    # the prompt: the training text of the conversation so far, id for id, then the assistant's turn opened
+    chat = ChatTokens(generator.tokenizer)
+    assert generator.model.prompts[-1] == chat.encode_conversation(training[:turn]) + chat.generation_prompt
+    assert (reasoning, content) == (answer["reasoning_content"], answer["content"])
+    assert calls_of(calls) == calls_of(answer.get("tool_calls"))
+    assert all(call["type"] == "function" and call["id"] for call in calls)
+    assert finish == ("tool_calls" if answer.get("tool_calls") else "stop")
+
+
+def test_bad_tool_requests_get_openai_errors(scripted_server):
+    _, url = scripted_server
+    hello = [{"role": "user", "content": "hi"}]
+    call_f = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    bad = [({"messages": [{"role": "assistant", "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
+            "messages[0].tool_calls[0].function.arguments"),
+           ({"messages": [{"role": "assistant", "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+            "messages[0].tool_calls[0].function.arguments"),
+           ({"messages": [{"role": "tool"}]}, "messages[0]"),
+           ({"messages": [{"role": "user", "content": "hi", "tool_calls": [call_f]}]}, "messages[0]"),
+           ({"messages": hello, "tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools")]
+    for body, param in bad:
+        status, answer = call(url, "/v1/chat/completions", body, "unused")
+        assert (status, openai_error(answer)["param"]) == (400, param), (body, answer)
+
+
+def test_chat_page_shows_thinking_and_tool_calls_and_sends_them_back(scripted_server):
+    if not os.path.exists(CHROMIUM):
+        skip_without(f"no browser at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    generator, url = scripted_server
+    training = normalize_sft(UMBRELLA)["messages"]
+    generator.model.replies = [training[2]["content"], "好的。"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.goto(f"{url}/chat")
+        page.wait_for_selector("body[data-ready=true]")
+        for question in ("Do I need an umbrella in Paris today?", "谢谢"):
+            page.fill("#question", question)
+            page.press("#question", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('.assistant').length == "
+                                   f"{1 + (question == '谢谢')} && document.getElementById('stop').hidden")
+        first = page.locator(".assistant").first
+        assert first.locator("summary").inner_text() == "思考 · Thinking"
+        assert first.locator(".thinking").get_attribute("open") is None  # folded until clicked
+        first.locator("summary").click()
+        assert first.locator(".thinking div").inner_text() == UMBRELLA["messages"][2]["reasoning_content"]
+        assert first.locator(".tool-calls").inner_text() == '🔧 get_weather {"city": "Paris"}'
+        second = page.locator(".assistant").nth(1)
+        assert not second.locator(".thinking").is_visible() and not second.locator(".tool-calls").is_visible()
+        assert second.inner_text() == "好的。"
+        browser.close()
+    # the second question went with the first reply as the model wrote it: thinking and call included
+    assert generator.tokenizer.decode(generator.model.prompts[-1]) == chatml([
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": "Do I need an umbrella in Paris today?"}, training[2],
+        {"role": "user", "content": "谢谢"}]) + "<|im_start|>assistant\n"

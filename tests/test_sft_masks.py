@@ -9,10 +9,13 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from conftest import REFERENCE, REPO, TINY_CONFIG
-from utils.chat import ChatTokens, add_system_prompt, select_turns
-from utils.data import SkipRecord, load_records
+from utils.chat import ChatTokens, add_system_prompt, check_template_matches, select_turns
+from utils.errors import ConfigError
+from utils.files import SkipRecord
+from utils.formats import load_records
 from utils.modeling import build_model
 from utils.prepare import UnitStats
+from utils.tokenizer import CHAT_TEMPLATE
 
 SYSTEM = {"role": "system", "content": "你是一个乐于助人的助手。"}
 CASES = {
@@ -108,6 +111,32 @@ def test_chat_tokens_equal_the_chat_template_ids_and_assistant_mask(tokenizer):
         assert labels == [i if m else -100 for i, m in zip(expected["input_ids"], expected["assistant_masks"])]
 
 
+# Edits of the template that ChatTokens would not follow: (text, its replacement).
+TEMPLATE_EDITS = {
+    "generation block moved over the role": (
+        "{{- '<|im_start|>assistant\\n' }}\n        {%- generation %}",
+        "{%- generation %}\n        {{- '<|im_start|>assistant\\n' }}"),
+    "newline dropped before </tool_response>": ("'\\n</tool_response>'", "'</tool_response>'"),
+    "tools header reworded": ("You may call one or more functions", "You may call functions"),
+    "template broken": ("{%- if tools %}", "{%- if tools %"),
+}
+
+
+def test_the_start_up_probe_passes_on_the_real_template(tokenizer):
+    check_template_matches(tokenizer)
+
+
+@pytest.mark.parametrize("edit", list(TEMPLATE_EDITS))
+def test_the_start_up_probe_names_both_files_when_the_template_drifts(tokenizer, monkeypatch, edit):
+    old, new = TEMPLATE_EDITS[edit]
+    assert CHAT_TEMPLATE.count(old) == 1
+    monkeypatch.setattr(tokenizer, "chat_template", CHAT_TEMPLATE.replace(old, new))
+    with pytest.raises(ConfigError) as error:
+        check_template_matches(tokenizer)
+    message = str(error.value)
+    assert "utils/chat_template.jinja" in message and "utils/chat.py" in message and "\n" not in message
+
+
 def test_overlong_history_loses_oldest_turns_first(tokenizer):
     long_turn = "很长的历史对话。" * 40
     messages = [{"role": "user", "content": long_turn}, {"role": "assistant", "content": long_turn},
@@ -148,33 +177,6 @@ def test_mixed_system_prompts_are_drawn_per_conversation_the_same_in_any_worker(
     default = sum(p == "<|im_start|>system\nDEFAULT" for p in prompts)
     by_category = sum("mathematics tutor" in p for p in prompts)
     assert 60 < default < 140 and default + by_category == 200
-
-
-def test_packed_rows_keep_each_sample_to_itself(tokenizer, tmp_path):
-    """`packing: true` puts several conversations in one row (TRL's pack_dataset, as the stage calls it); with sdpa
-    the stage's DocumentMaskCollator must make each one's logits equal to the same conversation alone."""
-    import torch
-    from trl.data_utils import pack_dataset
-
-    from utils.packing import DocumentMaskCollator
-
-    conversations = [CASES["single turn"], CASES["with system prompt"], CASES["answer starts with a newline"]]
-    args = stage_args(tmp_path, packing=True)
-    packed_rows = pack_dataset(Dataset.from_list(stage_rows(tokenizer, conversations, args)), 512, args.packing_strategy)
-    args.assistant_only_loss, args.dataset_kwargs = False, {"skip_prepare_dataset": True}
-    model = build_model(str(TINY_CONFIG), None, "sdpa").eval()
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=packed_rows)
-    row = trainer.train_dataset[0]
-    batch = DocumentMaskCollator(trainer.data_collator, "sdpa")([row])
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
-    assert len(starts) == 3 and batch["attention_mask"].shape[-2:] == batch["input_ids"].shape[-1:] * 2
-    with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=batch["attention_mask"]).logits[0]
-        ends = starts[1:] + [batch["input_ids"].shape[1]]
-        for start, end in zip(starts, ends):
-            alone = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
-            torch.testing.assert_close(packed[start:end], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_a_padded_batch_of_several_conversations_trains_each_as_alone(tokenizer, tmp_path):

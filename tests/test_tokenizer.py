@@ -22,7 +22,7 @@ MIXED_TEXT = (
 
 def real_samples() -> list[str]:
     """Real zh/en prose and code from the original's data files."""
-    from utils.data import load_records
+    from utils.formats import load_records
 
     texts = [r["text"] for r in load_records(str(REFERENCE / "mini_data" / "pt"), "pt")[0][::20]]
     conversations = load_records(str(REFERENCE / "mini_data" / "sft"), "sft")[0][:5]
@@ -86,7 +86,7 @@ def test_pretraining_encoder_gives_the_tokenizers_ids_on_real_corpora(parallelis
     import pyarrow.parquet as pq
 
     from conftest import SHARED
-    from utils.data import load_records
+    from utils.formats import load_records
     from utils.tokenizer import pretraining_encoder
 
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallelism)

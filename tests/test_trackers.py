@@ -62,51 +62,66 @@ def trainer_losses(output_dir: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
-def test_wandb_writes_an_offline_run_with_the_loss_inside_output_dir(tmp_path, tracker_env):
-    import wandb
+def wandb_record(data: bytes) -> tuple[tuple[str, str] | None, tuple[int, float] | None]:
     from wandb.proto.wandb_internal_pb2 import Record
 
-    try:
-        output_dir = pretrain(tmp_path, "wandb")
-    finally:
-        # The Trainer leaves the run open until the process exits; teardown finishes it and, unlike finish(),
-        # waits for wandb's service to have written the whole run file.
-        wandb.teardown()
-    runs = list((output_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, list(output_dir.iterdir())
-    history, run_info = {}, None
-    for data in journal_records(next(runs[0].glob("run-*.wandb")), b":W&B"):
-        record = Record()
-        record.ParseFromString(data)
-        if record.HasField("run"):
-            run_info = record.run
-        items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-        if "train/loss" in items:
-            history[items["train/global_step"]] = items["train/loss"]
-    assert (run_info.project, run_info.display_name) == ("mini_qwen", "pt")
-    losses = trainer_losses(output_dir)
-    assert len(losses) == 2 and history == pytest.approx(losses)
+    record = Record()
+    record.ParseFromString(data)
+    items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+    return ((record.run.project, record.run.display_name) if record.HasField("run") else None,
+            (items["train/global_step"], items["train/loss"]) if "train/loss" in items else None)
 
 
-def test_swanlab_writes_an_offline_run_with_the_loss_inside_output_dir(tmp_path, tracker_env):
-    import swanlab
+def swanlab_record(data: bytes) -> tuple[tuple[str, str] | None, tuple[int, float] | None]:
     from swanlab.proto.swanlab.record.v1.record_pb2 import Record
 
-    try:
-        output_dir = pretrain(tmp_path, "swanlab")
-    finally:
-        swanlab.finish()  # the Trainer leaves the run open until the process exits
-    runs = list((output_dir / "swanlog").glob("run-*"))
+    record = Record()
+    record.ParseFromString(data)
+    is_loss = record.HasField("scalar") and record.scalar.key == "train/loss"
+    return ((record.start.project, record.start.name) if record.HasField("start") else None,
+            (record.scalar.step, record.scalar.value.number) if is_loss else None)
+
+
+# tracker: (its run folder inside output_dir, the run file in it, the journal's magic, one record's fields)
+RUN_FILES = {"wandb": ("wandb/offline-run-*", "run-*.wandb", b":W&B", wandb_record),
+             "swanlab": ("swanlog/run-*", "run-*.swanlab", b":SWL", swanlab_record)}
+
+
+def read_run(output_dir: Path, tracker: str) -> tuple[tuple[str, str], dict[int, float]]:
+    """((project, run name), {step: logged train/loss}) from the tracker's offline run file."""
+    folder, file, magic, fields = RUN_FILES[tracker]
+    runs = list(output_dir.glob(folder))
     assert len(runs) == 1, list(output_dir.iterdir())
-    history, start = {}, None
-    for data in journal_records(next(runs[0].glob("run-*.swanlab")), b":SWL"):
-        record = Record()
-        record.ParseFromString(data)
-        if record.HasField("start"):
-            start = record.start
-        if record.HasField("scalar") and record.scalar.key == "train/loss":
-            history[record.scalar.step] = record.scalar.value.number
-    assert (start.project, start.name) == ("mini_qwen", "pt")
+    names, history = None, {}
+    for data in journal_records(next(runs[0].glob(file)), magic):
+        run_names, loss = fields(data)
+        names = run_names or names
+        if loss:
+            history[loss[0]] = loss[1]
+    return names, history
+
+
+def finish(tracker: str) -> None:
+    """The Trainer leaves the run open until the process exits. wandb's teardown, unlike finish(), waits for its
+    service to have written the whole run file."""
+    if tracker == "wandb":
+        import wandb
+
+        wandb.teardown()
+    else:
+        import swanlab
+
+        swanlab.finish()
+
+
+@pytest.mark.parametrize("tracker", list(RUN_FILES))
+def test_a_tracker_writes_an_offline_run_with_the_loss_inside_output_dir(tmp_path, tracker_env, tracker):
+    try:
+        output_dir = pretrain(tmp_path, tracker)
+    finally:
+        finish(tracker)
+    names, history = read_run(output_dir, tracker)
+    assert names == ("mini_qwen", "pt")
     losses = trainer_losses(output_dir)
     assert len(losses) == 2 and history == pytest.approx(losses)
 

@@ -287,7 +287,7 @@ def conversation_prep_benchmark(args) -> list[dict]:
 
     import pyarrow.parquet as pq
 
-    from utils.data import resolve_data_files
+    from utils.files import resolve_data_files
 
     work = Path(tempfile.mkdtemp(prefix="mini_qwen_bench_", dir=args.work_dir))
     corpus = work / "corpus"
@@ -331,7 +331,7 @@ def data_prep_benchmark(args) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from utils.data import resolve_data_files
+    from utils.files import resolve_data_files
 
     work = Path(tempfile.mkdtemp(prefix="mini_qwen_bench_", dir=args.work_dir))
     base = pa.table({"text": pa.chunked_array([pq.read_table(f, columns=["text"]).column("text").cast(pa.string())

@@ -4,7 +4,7 @@
         [--filler-words FILE] [--sensitive-words FILE] [--sensitive-action drop|mask]
         [--min-chars N] [--max-chars N] [--near-dup-threshold 0.85] [--examples 3]
 
-INPUT is any file, folder or glob the data layer (utils/data.py) reads as SFT data, so the cleaner sees exactly the
+INPUT is any file, folder or glob the data layer (utils/files.py, utils/formats.py) reads as SFT data, so the cleaner sees exactly the
 records a stage sees; records the data layer cannot normalise are counted under their SkipRecord reason. Inputs are
 only read; the output is written to a temporary file next to --output and renamed when complete.
 
@@ -53,10 +53,9 @@ from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-from utils.data import (
-    DataError, SkipCounter, SkipRecord, iter_file_records, normalize_sft, resolve_data_files,
-)
 from utils.errors import ConfigError, run_main
+from utils.files import DataError, SkipCounter, SkipRecord, iter_file_records, resolve_data_files
+from utils.formats import normalize_sft
 
 DEFAULT_FILLER_WORDS = ("嗯嗯", "嗯", "呃", "额", "啊啊", "那个那个", "um", "uh", "erm", "uhm")
 SHINGLE_CHARS = 5

@@ -8,9 +8,9 @@ import argparse
 import json
 import sys
 
-
-from utils.data import SHAPES, SkipCounter, iter_normalized, resolve_data_files
 from utils.errors import run_main
+from utils.files import SHAPES, SkipCounter, resolve_data_files
+from utils.formats import iter_normalized
 
 
 def main(argv=None):

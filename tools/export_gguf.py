@@ -33,6 +33,7 @@ from pathlib import Path
 from utils.chat import DEFAULT_SYSTEM_PROMPT
 from utils.checkpoint import STAGE_FILE
 from utils.config import repo_path
+from utils.formats import TOOLS_FOOTER, TOOLS_HEADER
 from utils.errors import ConfigError, MissingInputError, UserError, run_main
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -42,20 +43,45 @@ LLAMA_CPP_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372d
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 OUTTYPES = ("f16", "bf16", "q8_0", "f32")
 
-# ChatML as utils/chat_template.jinja writes it, in ollama's template language: ollama gathers the system messages
-# (or the Modelfile's SYSTEM) into .System, and the reply is left open after "<|im_start|>assistant\n".
-OLLAMA_CHAT_TEMPLATE = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
+# utils/chat_template.jinja in ollama's template language, so that ollama prompts as SFT trained: ollama gathers the
+# system messages (or the Modelfile's SYSTEM) into .System, which the tools block follows in one system turn (in the
+# words of utils/formats.py, no "You are Qwen" line); calls are <tool_call> blocks after the reply's text,
+# consecutive tool results share one user turn of <tool_response> blocks, and an answer's .Thinking opens it as a
+# <think> block.
+# The reply is left open after "<|im_start|>assistant\n". Where ollama writes JSON itself (a tool's spec, a call's
+# arguments) it writes it compactly, without the spaces of the training text: its own Qwen2.5 template does the same.
+OLLAMA_CHAT_TEMPLATE = ("""{{- if or .System .Tools }}<|im_start|>system
+{{ if .System }}{{ .System }}{{ if .Tools }}
+
+{{ end }}{{ end }}{{ if .Tools }}""" + TOOLS_HEADER + """{{ range .Tools }}
+{"type": "function", "function": {{ .Function }}}{{ end }}""" + TOOLS_FOOTER + """{{ end }}<|im_end|>
 {{ end }}
+{{- $previous := "" }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>
+{{- $next := "" }}{{ if not $last }}{{ $next = (index (slice $.Messages $i) 1).Role }}{{ end }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ if .Thinking }}<think>
+{{ .Thinking }}
+</think>
+
+{{ end }}{{ .Content }}{{ $apart := .Content }}{{ range .ToolCalls }}{{ if $apart }}
+{{ end }}<tool_call>
+{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
+</tool_call>{{ $apart = true }}{{ end }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- else if eq .Role "tool" }}{{ if ne $previous "tool" }}<|im_start|>user{{ end }}
+<tool_response>
+{{ .Content }}
+</tool_response>{{ if ne $next "tool" }}<|im_end|>
 {{ end }}
 {{- end }}
 {{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
 {{ end }}
-{{- end }}"""
+{{- $previous = .Role }}
+{{- end }}""")
 
 
 class ExportError(UserError):

@@ -12,6 +12,13 @@ repetition_penalty override them. `max_tokens` is capped by the context the prom
 and a prompt that fills the whole context is refused. `GET /v1/models` lists the one model, under its path, which is
 the `model` a request names (or leaves out). On a GPU, vLLM reads the same folder: `vllm serve results/dpo`.
 
+Tool use and reasoning as OpenAI clients (and vLLM) send and read them: a request's `tools`, assistant messages with
+`tool_calls` and `tool` messages render as the SFT data wrote them (utils/chat_template.jinja), and a reply is split
+by utils.chat.parse_assistant_output: its leading <think> block becomes `message.reasoning_content`, its <tool_call>
+blocks `message.tool_calls` (finish_reason "tool_calls"), and the rest `content`; a block that is not a valid call
+stays in the content. Streamed, the thinking comes as `delta.reasoning_content`, the answer as `delta.content`, and
+the calls in one `delta.tool_calls` at the end. `tool_choice` is accepted and ignored: the model decides.
+
 Requests are served one at a time: there is one copy of the model, on the CPU or on one GPU, which two generations
 would only share at half speed each. They run in a single worker thread, so the event loop stays free to answer
 /health and refusals meanwhile. The queue is bounded: at most --max_queue requests wait or run, and one more is
@@ -52,10 +59,10 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, StrictStr, field_validator
+from pydantic import BaseModel, Field, StrictStr, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from utils.chat import DEFAULT_SYSTEM_PROMPT
+from utils.chat import DEFAULT_SYSTEM_PROMPT, AssistantStream, parse_assistant_output
 from utils.config import repo_path
 from utils.errors import ConfigError, MissingInputError, run_main
 
@@ -93,13 +100,66 @@ class Sampling(BaseModel):
         return n
 
 
+class FunctionCall(BaseModel):
+    name: StrictStr
+    arguments: StrictStr  # JSON text of an object, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def json_object(cls, arguments: str) -> str:
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be the JSON text of an object")
+        return arguments
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: StrictStr
+    content: StrictStr | None = None
+    reasoning_content: StrictStr | None = None  # an earlier reply's thinking, sent back (the chat page does)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def has_content(self) -> "Message":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (an assistant message may give tool_calls instead)")
+        return self
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[dict] | None = None  # kept as sent: the template writes each spec's JSON as the SFT data did
+
+    @field_validator("tools")
+    @classmethod
+    def function_specs(cls, tools: list[dict] | None) -> list[dict] | None:
+        for tool in tools or []:
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict) or \
+                    not isinstance(function.get("name"), str):
+                raise ValueError('each tool must be {"type": "function", "function": {"name": ..., ...}}')
+        return tools
+
+    def prompt_messages(self) -> list[dict]:
+        """The messages for the chat template, each call's arguments as an object: the template writes it as the
+        training data did (utils/formats.py), whatever spacing the client's JSON text had."""
+        messages = [message.model_dump(exclude_none=True) for message in self.messages]
+        for message in messages:
+            for call in message.get("tool_calls", []):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        return messages
 
 
 class CompletionRequest(Sampling):
@@ -243,10 +303,13 @@ def build_app(generator: Generator, model_id: str, api_key: str | None, defaults
                 "model": model_id, "object": ("chat.completion" if chat else "text_completion")
                 + (".chunk" if chat and body.stream else "")}
 
-        def reply(text: str, finish: str | None) -> dict:
-            choice = {("delta" if body.stream else "message"): {"role": "assistant", "content": text}} if chat \
-                else {"text": text}
+        def reply(choice: dict, finish: str | None) -> dict:
             return {**head, "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}]}
+
+        def parts(reasoning: str = "", content: str = "", calls: list[dict] | None = None) -> dict:
+            """An assistant message's reasoning_content, content and tool_calls, those that it has."""
+            return {"role": "assistant", **{name: value for name, value in (
+                ("reasoning_content", reasoning), ("content", content), ("tool_calls", calls)) if value}}
 
         def usage(new_ids: list[int]) -> dict:
             return {"prompt_tokens": len(ids), "completion_tokens": len(new_ids),
@@ -255,15 +318,31 @@ def build_app(generator: Generator, model_id: str, api_key: str | None, defaults
         if not body.stream:
             new_ids = await until_done(request, future, stop)
             text = generator.tokenizer.decode(new_ids, skip_special_tokens=True)
-            return {**reply(text, generator.finish_reason(new_ids)), "usage": usage(new_ids)}
+            finish = generator.finish_reason(new_ids)
+            if not chat:
+                return {**reply({"text": text}, finish), "usage": usage(new_ids)}
+            reasoning, content, calls = parse_assistant_output(text)
+            # content is always there: null beside calls alone, as OpenAI's
+            message = {**parts(reasoning, content, calls), "content": content or (None if calls else "")}
+            return {**reply({"message": message}, "tool_calls" if calls else finish), "usage": usage(new_ids)}
 
         async def events():
+            parser = AssistantStream()
             try:
                 async for piece in streamer:
-                    if piece:
-                        yield sse(reply(piece, None))
+                    if chat and any(delta := parser.feed(piece)):
+                        yield sse(reply({"delta": parts(*delta)}, None))
+                    elif not chat and piece:
+                        yield sse(reply({"text": piece}, None))
                 new_ids = await future
-                yield sse(reply("", generator.finish_reason(new_ids)))
+                finish = generator.finish_reason(new_ids)
+                if chat:
+                    *delta, calls = parser.finish()
+                    if any(delta) or calls:  # the held-back end; the calls, each with its place in the list
+                        yield sse(reply({"delta": parts(*delta, [{"index": index, **call}
+                                                                 for index, call in enumerate(calls)])}, None))
+                    finish = "tool_calls" if calls else finish
+                yield sse(reply({"delta": {}} if chat else {"text": ""}, finish))
                 if (body.stream_options or {}).get("include_usage"):
                     yield sse({**head, "choices": [], "usage": usage(new_ids)})
                 yield sse("[DONE]")
@@ -291,9 +370,8 @@ def build_app(generator: Generator, model_id: str, api_key: str | None, defaults
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request, body: ChatRequest):
         check_model(body)
-        messages = [message.model_dump() for message in body.messages]
-        ids = generator.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      return_dict=True)["input_ids"]
+        ids = generator.tokenizer.apply_chat_template(body.prompt_messages(), tools=body.tools,
+                                                      add_generation_prompt=True, return_dict=True)["input_ids"]
         return await answer(request, body, ids, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])

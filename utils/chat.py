@@ -1,14 +1,20 @@
-"""Conversation shaping for SFT and DPO: which turns to train, system prompts, and fitting a sample into max_length.
+"""Conversation shaping for SFT and DPO: which turns to train, system prompts, and fitting a sample into max_length;
+and the way back, a generated reply split into its reasoning, its text and its tool calls (the server, the chat).
 
-The chat template itself is utils/chat_template.jinja (loaded with the tokenizer).
+The chat template itself is utils/chat_template.jinja (loaded with the tokenizer); check_template_matches proves on
+start that it and ChatTokens still write the same tokens.
 """
 
+import json
 import random
+import re
+import uuid
 
 from transformers import PreTrainedTokenizerBase
 
-from utils.data import SkipRecord, reasoning_length
 from utils.errors import ConfigError
+from utils.files import SkipRecord
+from utils.formats import normalize_sft, reasoning_length
 
 DEFAULT_SYSTEM_PROMPT = "You are mini_qwen, a helpful assistant that answers in the user's language."
 
@@ -175,3 +181,137 @@ class ChatTokens:
         tail = room - head
         bodies[first_turn] = user_body[:prefix] + content[:head] + self.cut_mark + content[len(content) - tail:]
         return messages, bodies, "prompt shortened"
+
+
+# A conversation with every part the template and ChatTokens must agree on: tools in the system turn, reasoning
+# before a call with no text, a tool result, reasoning before an answer, a second exchange.
+TEMPLATE_PROBE = {
+    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string"}}, "required": ["city"]}}}],
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Umbrella in Paris today?"},
+        {"role": "assistant", "content": None, "reasoning_content": "Check the weather in Paris.",
+         "tool_calls": [{"id": "call_0", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": '{"condition": "rain", "temperature": 14}'},
+        {"role": "assistant", "reasoning_content": "Rain: yes.", "content": "Yes, it is raining (14°C)."},
+        {"role": "user", "content": "谢谢！"},
+        {"role": "assistant", "content": "不客气。"},
+    ],
+}
+
+
+def check_template_matches(tokenizer: PreTrainedTokenizerBase, chat: ChatTokens | None = None) -> None:
+    """Render TEMPLATE_PROBE with the tokenizer's chat template (ids and assistant mask) and encode the same
+    conversation as utils/formats.py normalises it with ChatTokens (ids and labels); raise ConfigError when they
+    differ. Training writes ChatTokens' tokens and the checkpoint keeps the template for inference: a change to
+    one alone would serve prompts the model never saw in training, silently."""
+    chat = chat or ChatTokens(tokenizer)
+    messages = normalize_sft(TEMPLATE_PROBE)["messages"]
+    ids, labels = chat.encode_bodies(messages, [chat.body(m) for m in messages])
+    where = "the chat template (utils/chat_template.jinja) and ChatTokens (utils/chat.py)"
+    try:
+        rendered = tokenizer.apply_chat_template(TEMPLATE_PROBE["messages"], tools=TEMPLATE_PROBE["tools"],
+                                                 return_dict=True, return_assistant_tokens_mask=True)
+    except Exception as err:  # a template that no longer renders at all
+        raise ConfigError(f"{where}: the template fails on the probe conversation: {err}") from err
+    template_ids = rendered["input_ids"]
+    template_labels = [i if trained else -100 for i, trained in zip(template_ids, rendered["assistant_masks"])]
+    if ids == template_ids and labels == template_labels:
+        return
+    what, ours, theirs = ("ids", ids, template_ids) if ids != template_ids else \
+        ("assistant masks", labels, template_labels)
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    context = template_ids[max(0, at - 4): at + 4]
+    raise ConfigError(f"{where} disagree on a probe conversation: the {what} differ at token {at} (template text "
+                      f"there: {tokenizer.decode(context)!r}); training would write what the saved template does not "
+                      "render: change both together (tests/test_sft_masks.py checks them)")
+
+
+THINK_OPEN, THINK_CLOSE, CALL_OPEN = "<think>", "</think>", "<tool_call>"
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def _tool_call(text: str) -> dict | None:
+    """A <tool_call> block's JSON as an OpenAI tool call, or None unless it is {"name": ..., "arguments": {...}}
+    as the training data writes calls (utils/formats.py)."""
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"].strip()
+            and isinstance(call.get("arguments"), dict)):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+
+
+def _split_thinking(text: str) -> tuple[str, str, bool]:
+    """(reasoning, the rest, whether the reasoning is closed) of a reply, read as utils/formats.py reads an
+    answer's <think> block. An unclosed block (the reply was cut short while thinking) is all reasoning."""
+    opened = text.lstrip()
+    if not opened.startswith(THINK_OPEN):
+        return "", text, True
+    thought, closed, rest = opened[len(THINK_OPEN):].partition(THINK_CLOSE)
+    return (thought.strip("\n") if thought.strip() else ""), rest.lstrip("\n"), bool(closed)
+
+
+def parse_assistant_output(text: str) -> tuple[str, str, list[dict]]:
+    """(reasoning, content, tool_calls) of a generated reply: a leading <think> block is the reasoning, each
+    <tool_call> block holding a valid call an OpenAI tool call (content keeps the text around them, trailing
+    whitespace trimmed); a block that does not parse stays in the content as written."""
+    reasoning, content, _ = _split_thinking(text)
+    calls = []
+
+    def take(block: re.Match) -> str:
+        call = _tool_call(block.group(1).strip())
+        if call is None:
+            return block.group(0)
+        calls.append(call)
+        return ""
+
+    content = TOOL_CALL_BLOCK.sub(take, content)
+    return reasoning, (content.rstrip() if calls else content), calls
+
+
+def _held_back(text: str, tag: str) -> str:
+    """`text` without a trailing start of `tag` (and the whitespace before it), which the next piece may finish."""
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:length]):
+            return text[:-length].rstrip()
+    return text.rstrip()
+
+
+class AssistantStream:
+    """parse_assistant_output while a reply streams in: `feed` each decoded piece and get the (reasoning, content)
+    text that is now certain, `finish` for the rest and the tool calls. What is sent is always a prefix of what
+    parse_assistant_output gives for the whole reply, so a streamed reply reads as the whole one: a possible start
+    of <think>, </think> or <tool_call> is held until the next piece decides it, a tool call block until the end,
+    and trailing whitespace until text follows it (a trimmed reply never takes back what was sent)."""
+
+    def __init__(self):
+        self.text, self.sent = "", ("", "")
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        self.text += piece
+        return self._advance(self._certain())
+
+    def finish(self) -> tuple[str, str, list[dict]]:
+        reasoning, content, calls = parse_assistant_output(self.text)
+        return (*self._advance((reasoning, content)), calls)
+
+    def _certain(self) -> tuple[str, str]:
+        opened = self.text.lstrip()
+        if THINK_OPEN.startswith(opened):  # nothing yet, or maybe the start of <think>
+            return "", ""
+        reasoning, content, closed = _split_thinking(self.text)
+        if not closed:
+            return _held_back(opened[len(THINK_OPEN):].lstrip("\n"), THINK_CLOSE), ""
+        return reasoning, _held_back(content.partition(CALL_OPEN)[0], CALL_OPEN)
+
+    def _advance(self, now: tuple[str, str]) -> tuple[str, str]:
+        deltas = tuple(new[len(old):] for new, old in zip(now, self.sent))
+        self.sent = now
+        return deltas

@@ -31,8 +31,8 @@ from pathlib import Path
 import yaml
 
 from utils.config import repo_path
-from utils.data import DataError
 from utils.errors import ConfigError, MissingInputError
+from utils.files import DataError
 from utils.lm_eval_tasks.local_data import LocalDataError, read_csv, read_gsm8k, subject_of
 
 TEMPLATES = Path(__file__).parent / "lm_eval_tasks"

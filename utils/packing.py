@@ -147,8 +147,10 @@ def pack_documents(documents: list[list[int]], block_size: int, mode: str, eos_t
 def document_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A 4D mask (batch, 1, seq, seq) that is causal and block-diagonal over documents, documents being the runs
     where position_ids count up from 0: boolean (True = may attend) for sdpa, additive for eager attention.
-    Used where flash-attention varlen is not available: with sdpa or eager attention, position_ids alone do not
-    stop one document attending to another."""
+    Used where flash-attention varlen is not available. A coupling with transformers' masking: it infers such a
+    mask from position_ids itself only when no cache exists, and Qwen2 builds a cache on every forward while
+    use_cache is on (the default, in training too), so position_ids alone would let one document attend to another.
+    tests/test_fa2_paths.py checks that rule, and that every backend keeps documents apart through this mask."""
     starts = position_ids == 0
     document_index = torch.cumsum(starts.long(), dim=-1)
     same_document = document_index[:, :, None] == document_index[:, None, :]
@@ -166,7 +168,7 @@ def pretraining_preparation(files: list[str], tokenizer, block_size: int, mode: 
                             min_quality_score: float | None, key: dict):
     """The PT data step for utils.prepare: workers tokenize documents (quality filter first); the main process
     packs them in data order."""
-    from utils.data import SkipRecord
+    from utils.files import SkipRecord
     from utils.prepare import Preparation
     from utils.tokenizer import pretraining_encoder
 

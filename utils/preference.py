@@ -7,8 +7,8 @@ import random
 import pyarrow as pa
 from datasets import Features, List, Value
 
-from utils.data import SkipRecord
 from utils.errors import ConfigError
+from utils.files import SkipRecord
 from utils.prepare import Preparation
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))

@@ -5,7 +5,7 @@ rank memory-maps.
 
 Each stage names what its rows depend on (the cache key) and how one normalised record becomes one row (`shape`,
 raising SkipRecord to count a record out); this module does the rest for all three stages:
-- the files are split into work units (utils.data.plan_units: parquet row groups, line ranges of large jsonl/txt);
+- the files are split into work units (utils.files.plan_units: parquet row groups, line ranges of large jsonl/txt);
 - worker processes (default: every core) each read, normalise and shape whole units, writing each unit's rows to a
   temporary Arrow shard; memory per worker is one batch of rows;
 - the main process takes the shards back in data order, passes them through the stage's `assemble` (pretraining
@@ -41,15 +41,17 @@ import pyarrow as pa
 from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 
-from utils.data import DataError, SkipCounter, WorkUnit, iter_normalized, plan_units
 from utils.disk import human_bytes
 from utils.errors import ConfigError
+from utils.files import DataError, SkipCounter, WorkUnit, plan_units
+from utils.formats import iter_normalized
 
 logger = logging.getLogger("mini_qwen")
 
 # The modules on the path from files to rows: editing any of them changes every cache key, so a cache built by
 # other code is never reused. (The stage script that shapes the rows is added by each stage.)
-ROW_BUILDING_MODULES = ("utils/data.py", "utils/prepare.py", "utils/packing.py", "utils/chat.py", "utils/tokenizer.py")
+ROW_BUILDING_MODULES = ("utils/files.py", "utils/formats.py", "utils/prepare.py", "utils/packing.py", "utils/chat.py",
+                        "utils/tokenizer.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Disk a preparation needs, as a multiple of its input files' size. A token is ~4.7 bytes of JSON lines text and takes
 # 4 as int32: the cache is 0.85x mini_data's PT text as jsonl, 0.6x as its compressed parquet (0.8x for SFT, ids and

@@ -2,7 +2,7 @@
 `reward(prompts, completions, **dataset_columns) -> list[float]`, one float per completion.
 
 Math word problems in GSM8K's shape end their solution with a line `#### <number>`; the model is asked to do the same
-(utils.data normalises every problem's answer to that number). Two rewards check it, and GRPO logs each one apart
+(utils.formats normalises every problem's answer to that number). Two rewards check it, and GRPO logs each one apart
 (rewards/<name>/mean):
 - correct_answer: 1 when the number on the completion's `####` line equals the problem's answer, else 0;
 - answer_format: 1 when the completion ends with a `#### <number>` line; 0.25 when it states some number but not on

@@ -10,8 +10,8 @@ from utils.callbacks import (AnomalyGuard, CheckpointCompleteCallback, LossPlotC
                              SigtermCallback, ThroughputCallback)
 from utils.checkpoint import check_resumable, resolve_resume, save_final_model
 from utils.compat import require
-from utils.errors import ConfigError
 from utils.crash_safety import CrashSafetyArguments
+from utils.errors import ConfigError
 from utils.report import write_stage_report
 from utils.throughput import ThroughputArguments
 
